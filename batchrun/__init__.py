@@ -1,0 +1,65 @@
+"""batchrun: large batches of LLM requests against OpenAI-compatible endpoints.
+
+Fast, inside the provider's rate limits, and never losing a paid-for result.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import (
+    EndpointConfig,
+    OutputOptions,
+    RequestOptions,
+    RunConfig,
+)
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    BatchrunError,
+    ConfigError,
+    FatalAPIError,
+    InputError,
+    MalformedResponseError,
+    OutputError,
+    PermanentError,
+    RateLimitError,
+    ServerError,
+    TransientError,
+)
+from .records import PromptRecord, Result, Usage
+from .runner import arun, run
+from .stats import RunStats
+
+try:
+    __version__ = version("batchrun")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "BatchrunError",
+    "ConfigError",
+    "EndpointConfig",
+    "FatalAPIError",
+    "InputError",
+    "MalformedResponseError",
+    "OutputError",
+    "OutputOptions",
+    "PermanentError",
+    "PromptRecord",
+    "RateLimitError",
+    "RequestOptions",
+    "Result",
+    "RunConfig",
+    "RunStats",
+    "ServerError",
+    "TransientError",
+    "Usage",
+    "__version__",
+    "arun",
+    "run",
+]

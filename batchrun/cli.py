@@ -1,0 +1,365 @@
+"""The command line: parse arguments, build a ``RunConfig``, call ``run``.
+
+No batch logic lives here. This module reads the environment (API keys,
+``BATCHRUN_BASE_URL``), prints one-line errors, and maps outcomes to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_TIMEOUT_S,
+    PROVIDERS,
+    EndpointConfig,
+    OutputOptions,
+    ProgressMode,
+    RequestOptions,
+    RunConfig,
+)
+from .errors import (
+    BatchrunError,
+    ConfigError,
+    FatalAPIError,
+    InputError,
+    OutputError,
+)
+
+__all__ = [
+    "EXIT_ABORTED",
+    "EXIT_FAILED_ROWS",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_FAILED_ROWS = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 3
+EXIT_INTERRUPTED = 130
+
+_EPILOG = """\
+examples:
+  # a real job on the built-in simulator, no key needed
+  batchrun run samples/prompts.jsonl -o runs/demo --provider mock
+
+  # Fireworks, key from FIREWORKS_API_KEY
+  batchrun run samples/chat.jsonl -o runs/chat --provider fireworks \\
+      --model accounts/fireworks/models/llama-v3p1-8b-instruct --max-tokens 128
+
+  # any OpenAI-compatible server, a template over the columns of each row
+  batchrun run samples/reviews.jsonl -o runs/reviews \\
+      --base-url http://localhost:8000/v1 --model my-model \\
+      --template-file samples/classify.j2 --max-tokens 4
+
+exit codes: 0 all rows ok, 1 some rows failed, 2 usage/config/input error,
+            3 aborted (bad key/model/URL, output unwritable), 130 interrupted
+"""
+
+# (flag, body field, type) for the sampling parameters sent only when given.
+_SAMPLING: tuple[tuple[str, str, type], ...] = (
+    ("--max-tokens", "max_tokens", int),
+    ("--temperature", "temperature", float),
+    ("--top-p", "top_p", float),
+    ("--top-k", "top_k", int),
+    ("--min-p", "min_p", float),
+    ("--n", "n", int),
+    ("--logprobs", "logprobs", int),
+    ("--seed", "seed", int),
+    ("--frequency-penalty", "frequency_penalty", float),
+    ("--presence-penalty", "presence_penalty", float),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> Any:
+        raise ConfigError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="batchrun",
+        description="Run large batches of LLM requests against OpenAI-compatible APIs.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"batchrun {__version__}"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show tracebacks for errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="run a batch",
+        description="Send one request per input row and write results to OUT.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="JSONL (.jsonl, .json, .jsonl.gz) or Parquet file or directory",
+    )
+    run.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="OUT",
+        help="output directory",
+    )
+    run.add_argument(
+        "--verbose", action="store_true", help="show tracebacks for errors"
+    )
+
+    ep = run.add_argument_group("endpoint")
+    ep.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        help="preset base URL and key variable; 'mock' runs the simulator",
+    )
+    ep.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="OpenAI-compatible base URL (default: $BATCHRUN_BASE_URL)",
+    )
+    ep.add_argument(
+        "--api-key-env", metavar="VAR", help="environment variable holding the API key"
+    )
+    ep.add_argument("--model", help="model for rows whose body names none")
+    ep.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"per-request timeout in seconds (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    ep.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        metavar="N",
+        help=f"requests in flight (default {DEFAULT_CONCURRENCY})",
+    )
+
+    rq = run.add_argument_group("requests")
+    rq.add_argument(
+        "--endpoint",
+        choices=("completions", "chat"),
+        help="force the endpoint (default: inferred per row)",
+    )
+    tpl = rq.add_mutually_exclusive_group()
+    tpl.add_argument(
+        "--template", metavar="TEXT", help="Jinja2 template over row columns"
+    )
+    tpl.add_argument(
+        "--template-file",
+        type=Path,
+        metavar="PATH",
+        help="read the template from a file",
+    )
+    rq.add_argument("--system", metavar="TEXT", help="system message for chat requests")
+    rq.add_argument(
+        "--prompt-column",
+        default="prompt",
+        metavar="COL",
+        help="field holding the raw prompt (default prompt)",
+    )
+    rq.add_argument(
+        "--messages-column",
+        default="messages",
+        metavar="COL",
+        help="field holding chat messages (default messages)",
+    )
+    for flag, _, kind in _SAMPLING:
+        rq.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+    rq.add_argument(
+        "--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)"
+    )
+    rq.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra body field; VALUE is parsed as JSON when it parses",
+    )
+    rq.add_argument(
+        "--id-column",
+        metavar="COL",
+        help="row id field (default: id, then custom_id, then position)",
+    )
+    rq.add_argument(
+        "--keep-columns", metavar="A,B", help="input columns to copy into the results"
+    )
+
+    out = run.add_argument_group("output")
+    out.add_argument(
+        "--overwrite", action="store_true", help="replace earlier results in OUT"
+    )
+    out.add_argument(
+        "--no-raw", action="store_true", help="do not keep the raw response body"
+    )
+    out.add_argument("--quiet", action="store_true", help="no progress display")
+    out.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "off"),
+        default="auto",
+        help="progress display (default auto: a bar on a terminal)",
+    )
+
+    mock = sub.add_parser("serve-mock", help="serve the OpenAI-compatible simulator")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--latency-ms", type=float, default=0.0, metavar="MS")
+    mock.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--param expects KEY=VALUE, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def _endpoint(args: argparse.Namespace) -> EndpointConfig:
+    preset = PROVIDERS[args.provider] if args.provider else None
+    base_url = args.base_url or os.environ.get("BATCHRUN_BASE_URL") or None
+    mock = args.provider == "mock"
+    if mock and args.base_url:
+        raise ConfigError("--provider mock cannot be combined with --base-url")
+    if mock:
+        base_url = None
+    elif base_url is None and preset is not None:
+        base_url = preset.base_url
+    if base_url is None and not mock:
+        raise ConfigError(
+            "no endpoint: give --provider, --base-url or set BATCHRUN_BASE_URL"
+        )
+    key_env = args.api_key_env or (preset.key_env if preset else None)
+    api_key = None
+    if key_env:
+        api_key = os.environ.get(key_env) or None
+        if api_key is None:
+            raise ConfigError(f"the API key variable {key_env} is not set")
+    elif not mock and args.provider is None:
+        api_key = os.environ.get("OPENAI_API_KEY") or None
+    return EndpointConfig(
+        base_url=base_url, api_key=api_key, mock=mock, timeout_s=args.timeout
+    )
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    params: dict[str, Any] = {}
+    for _, field, _ in _SAMPLING:
+        value = getattr(args, field)
+        if value is not None:
+            params[field] = value
+    if args.stop:
+        params["stop"] = args.stop
+    for item in args.param:
+        key, value = _parse_param(item)
+        params[key] = value
+    template = args.template
+    if args.template_file is not None:
+        try:
+            template = args.template_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read template file {args.template_file}: {exc.strerror}"
+            ) from exc
+    keep = tuple(c.strip() for c in (args.keep_columns or "").split(",") if c.strip())
+    progress: ProgressMode = "off" if args.quiet else args.progress
+    return RunConfig(
+        inputs=tuple(args.inputs),
+        output=OutputOptions(
+            out_dir=args.output, overwrite=args.overwrite, raw_response=not args.no_raw
+        ),
+        endpoint=_endpoint(args),
+        request=RequestOptions(
+            model=args.model,
+            endpoint=args.endpoint,
+            template=template,
+            system=args.system,
+            prompt_column=args.prompt_column,
+            messages_column=args.messages_column,
+            params=params,
+            id_column=args.id_column,
+            keep_columns=keep,
+        ),
+        concurrency=args.concurrency,
+        progress=progress,
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    stats = run(_run_config(args))
+    if not args.quiet:
+        print(stats.summary(), file=sys.stderr)
+    return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ROWS
+
+
+def _cmd_serve_mock(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorConfig, run_simulator
+
+    config = SimulatorConfig(latency_ms=args.latency_ms, seed=args.seed)
+
+    def ready(url: str) -> None:
+        print(f"batchrun simulator serving {url}", file=sys.stderr, flush=True)
+
+    run_simulator(config, host=args.host, port=args.port, on_ready=ready)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Args:
+        argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+    """
+    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    error: BatchrunError
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "serve-mock":
+            return _cmd_serve_mock(args)
+        return _cmd_run(args)
+    except KeyboardInterrupt:
+        print("batchrun: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, InputError) as exc:
+        code, error = EXIT_USAGE, exc
+    except (FatalAPIError, OutputError, BatchrunError) as exc:
+        code, error = EXIT_ABORTED, exc
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"batchrun: error: {_one_line(error)}", file=sys.stderr)
+    return code

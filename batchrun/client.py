@@ -1,0 +1,241 @@
+"""The HTTP boundary: one aiohttp session, POST, and error translation.
+
+This is the only module that imports aiohttp (the simulator aside). It sends a
+body, reads the answer, and maps every failure (HTTP status or transport
+error) to the most specific ``APIError``. It does not retry or wait.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import orjson
+
+from .config import Endpoint
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    FatalAPIError,
+    MalformedResponseError,
+    PermanentError,
+    RateLimitError,
+    ServerError,
+)
+from .records import JSONObject
+
+__all__ = ["APIClient", "Reply", "parse_retry_after"]
+
+_PATHS: Mapping[Endpoint, str] = {
+    "completions": "/completions",
+    "chat": "/chat/completions",
+}
+_BODY_SNIPPET = 300
+_SERVER_STATUSES = frozenset({408, 409, 425})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful (2xx) answer whose body holds ``choices``."""
+
+    status: int
+    data: JSONObject
+    raw: bytes
+    headers: Mapping[str, str]
+
+
+def parse_retry_after(
+    headers: Mapping[str, str], *, now: float | None = None
+) -> float | None:
+    """The server's requested wait in seconds (``retry-after-ms`` or ``Retry-After``).
+
+    ``Retry-After`` may be seconds or an HTTP date. Returns ``None`` when absent
+    or unparseable; never a negative number.
+    """
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class APIClient:
+    """Posts request bodies to an OpenAI-compatible server.
+
+    Use as ``async with APIClient(...) as client:``; the session lives exactly as
+    long as the block.
+
+    Args:
+        base_url: E.g. ``https://api.fireworks.ai/inference/v1``.
+        api_key: Bearer token, or ``None`` for servers without auth.
+        timeout_s: Limit for one request, from sending to the last byte.
+        concurrency: Connection pool size; it must match the number of workers
+            so that the pool never caps them silently.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        timeout_s: float,
+        concurrency: int,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._concurrency = concurrency
+        self._session: aiohttp.ClientSession | None = None
+        self._urls = {name: self.base_url + path for name, path in _PATHS.items()}
+
+    async def __aenter__(self) -> Self:
+        headers = {"Content-Type": "application/json", "User-Agent": "batchrun"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency, limit_per_host=0, ttl_dns_cache=300
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=headers,
+            timeout=self._timeout,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _scrub(self, text: str) -> str:
+        """Never let the key through into a message, whatever the server echoes."""
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    async def post(self, endpoint: Endpoint, body: JSONObject) -> Reply:
+        """Send one request and return the parsed answer.
+
+        Raises:
+            TransientError: Retryable (429, 5xx, timeout, connection, bad body).
+            PermanentError: A 4xx that retrying cannot fix.
+            FatalAPIError: 401, 403 or 404: the key, model or URL is wrong.
+        """
+        session = self._session
+        if session is None:
+            raise RuntimeError("APIClient used outside 'async with'")
+        url = self._urls[endpoint]
+        try:
+            async with session.post(url, data=orjson.dumps(body)) as response:
+                raw = await response.read()
+                status = response.status
+                headers = response.headers
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise APITimeoutError(
+                f"no response within {self._timeout.total:g} s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            message = self._scrub(str(exc) or type(exc).__name__)
+            raise APIConnectionError(f"{type(exc).__name__}: {message}") from exc
+        if 200 <= status < 300:
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise MalformedResponseError(
+                    f"HTTP {status} with a body that is not JSON", status=status
+                ) from exc
+            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                raise MalformedResponseError(
+                    f"HTTP {status} without choices",
+                    status=status,
+                    body=self._snippet(raw),
+                )
+            return Reply(status, data, raw, headers)
+        raise self._error(status, raw, headers, url)
+
+    def _snippet(self, raw: bytes) -> str:
+        text = raw[: _BODY_SNIPPET * 4].decode("utf-8", "replace")
+        return self._scrub(" ".join(text.split()))[:_BODY_SNIPPET]
+
+    def _error(
+        self, status: int, raw: bytes, headers: Mapping[str, str], url: str
+    ) -> APIError:
+        detail = _error_message(raw) or self._snippet(raw)
+        detail = self._scrub(" ".join(detail.split()))[:_BODY_SNIPPET]
+        request_id = headers.get("x-request-id")
+        body = self._snippet(raw)
+        message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+        if status == 429:
+            return RateLimitError(
+                message,
+                body=body,
+                request_id=request_id,
+                retry_after=parse_retry_after(headers),
+            )
+        if status >= 500 or status in _SERVER_STATUSES:
+            return ServerError(
+                message,
+                status=status,
+                body=body,
+                request_id=request_id,
+                retry_after=parse_retry_after(headers),
+            )
+        if status in (401, 403):
+            return FatalAPIError(
+                f"HTTP {status} from {self.base_url}: the API key is missing or wrong"
+                f" ({detail or 'no detail'})",
+                status=status,
+                body=body,
+                request_id=request_id,
+            )
+        if status == 404:
+            return FatalAPIError(
+                f"HTTP 404 for {url}: the endpoint or model does not exist"
+                f" ({detail or 'no detail'})",
+                status=status,
+                body=body,
+                request_id=request_id,
+            )
+        return PermanentError(message, status=status, body=body, request_id=request_id)
+
+
+def _error_message(raw: bytes) -> str | None:
+    """The ``error.message`` of an OpenAI-style error body, if there is one."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("detail")
+            if isinstance(message, str):
+                return message
+        elif isinstance(error, str):
+            return error
+    return None

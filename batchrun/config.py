@@ -1,0 +1,243 @@
+"""Frozen configuration objects and their defaults.
+
+Each dataclass validates itself in ``__post_init__`` and raises ``ConfigError``.
+Nothing here reads the environment or the file system: ``cli.py`` does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_FLUSH_INTERVAL_S",
+    "DEFAULT_FLUSH_ROWS",
+    "DEFAULT_TIMEOUT_S",
+    "PROVIDERS",
+    "Endpoint",
+    "EndpointConfig",
+    "OutputOptions",
+    "ProgressMode",
+    "ProviderPreset",
+    "RequestOptions",
+    "RunConfig",
+]
+
+Endpoint = Literal["completions", "chat"]
+ProgressMode = Literal["auto", "bar", "lines", "off"]
+
+DEFAULT_CONCURRENCY = 32
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_FLUSH_ROWS = 1000
+DEFAULT_FLUSH_INTERVAL_S = 10.0
+DEFAULT_PROGRESS_INTERVAL_S = 10.0
+
+# Body fields that shape a request; they are recorded in the manifest.
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "n",
+    "logprobs",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderPreset:
+    """Where a named provider lives and which variable holds its key."""
+
+    base_url: str | None
+    key_env: str | None
+
+
+PROVIDERS: Mapping[str, ProviderPreset] = MappingProxyType(
+    {
+        "fireworks": ProviderPreset(
+            base_url="https://api.fireworks.ai/inference/v1",
+            key_env="FIREWORKS_API_KEY",
+        ),
+        "openai": ProviderPreset(
+            base_url="https://api.openai.com/v1", key_env="OPENAI_API_KEY"
+        ),
+        "together": ProviderPreset(
+            base_url="https://api.together.xyz/v1", key_env="TOGETHER_API_KEY"
+        ),
+        "vllm": ProviderPreset(base_url="http://localhost:8000/v1", key_env=None),
+        "mock": ProviderPreset(base_url=None, key_env=None),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointConfig:
+    """The server to talk to.
+
+    Args:
+        base_url: The OpenAI-compatible base URL, ending in ``/v1`` as a rule.
+            ``None`` together with ``mock=True`` starts the simulator for the run.
+        api_key: Sent as a bearer token. Never printed, logged or written.
+        mock: Serve the requests from an in-process simulator on a free port.
+        timeout_s: The limit for one request, from sending to the last byte.
+    """
+
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    mock: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.mock == (self.base_url is not None):
+            raise ConfigError(
+                "no endpoint: give --provider or --base-url (or BATCHRUN_BASE_URL)"
+                if not self.mock
+                else "--provider mock cannot be combined with a base URL"
+            )
+        if self.base_url is not None and not self.base_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"base URL must start with http:// or https://: {self.base_url!r}"
+            )
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestOptions:
+    """How each input row becomes a request body.
+
+    Args:
+        model: The model for every row whose body does not name its own.
+        endpoint: Force ``completions`` or ``chat``; ``None`` infers it per row.
+        template: Jinja2 source rendered with the row's columns.
+        system: A system message put first in chat requests.
+        prompt_column: The field that holds a raw prompt.
+        messages_column: The field that holds chat messages.
+        params: Extra body fields (sampling parameters and ``--param``).
+        id_column: The field that holds the row id; ``None`` picks ``id``,
+            then ``custom_id``, then the row position.
+        keep_columns: Input fields copied into the results.
+    """
+
+    model: str | None = None
+    endpoint: Endpoint | None = None
+    template: str | None = None
+    system: str | None = None
+    prompt_column: str = "prompt"
+    messages_column: str = "messages"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in (None, "completions", "chat"):
+            raise ConfigError(
+                f"endpoint must be 'completions' or 'chat', got {self.endpoint!r}"
+            )
+        for name, instead in (
+            ("model", "--model"),
+            ("prompt", "the input rows"),
+            ("messages", "the input rows"),
+        ):
+            if name in self.params:
+                raise ConfigError(f"--param {name}=... is not allowed; use {instead}")
+        for key, low, high in (("n", 1, 128), ("max_tokens", 1, None)):
+            value = self.params.get(key)
+            if value is None:
+                continue
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < low
+                or (high is not None and value > high)
+            ):
+                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not self.prompt_column or not self.messages_column:
+            raise ConfigError("--prompt-column and --messages-column must not be empty")
+
+    def shaping(self) -> dict[str, Any]:
+        """The options that decide what is sent, as plain JSON data."""
+        return {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "template": self.template,
+            "system": self.system,
+            "prompt_column": self.prompt_column,
+            "messages_column": self.messages_column,
+            "params": dict(self.params),
+            "id_column": self.id_column,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputOptions:
+    """Where and how results are written.
+
+    Args:
+        out_dir: The output directory (results/, usage.parquet, manifest.json).
+        overwrite: Delete earlier results in ``out_dir`` first.
+        raw_response: Keep the raw response body in the ``response`` column.
+        flush_rows: Write a part file at least every this many results.
+        flush_interval_s: ... and at least this often while results arrive.
+    """
+
+    out_dir: Path
+    overwrite: bool = False
+    raw_response: bool = True
+    flush_rows: int = DEFAULT_FLUSH_ROWS
+    flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+
+    def __post_init__(self) -> None:
+        if self.flush_rows < 1:
+            raise ConfigError(f"flush_rows must be >= 1, got {self.flush_rows}")
+        if not self.flush_interval_s > 0:
+            raise ConfigError(
+                f"flush_interval_s must be positive, got {self.flush_interval_s}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    """Everything one run needs.
+
+    Args:
+        inputs: JSONL (``.jsonl``, ``.json``, ``.jsonl.gz``) or Parquet files,
+            or directories of Parquet files, read in order.
+        output: Where results go.
+        endpoint: The server.
+        request: How rows become request bodies.
+        concurrency: Requests in flight at once; the connection pool matches it.
+        progress: ``auto`` (a bar on a terminal, else a line every 10 s),
+            ``bar``, ``lines`` or ``off``.
+    """
+
+    inputs: tuple[Path, ...]
+    output: OutputOptions
+    endpoint: EndpointConfig
+    request: RequestOptions = field(default_factory=RequestOptions)
+    concurrency: int = DEFAULT_CONCURRENCY
+    progress: ProgressMode = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("no input files given")
+        if not 1 <= self.concurrency <= 100_000:
+            raise ConfigError(
+                f"concurrency must be between 1 and 100000, got {self.concurrency}"
+            )
+        if self.progress not in ("auto", "bar", "lines", "off"):
+            raise ConfigError(
+                f"progress must be auto, bar, lines or off, got {self.progress!r}"
+            )

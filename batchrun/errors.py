@@ -1,0 +1,166 @@
+"""The exception tree of batchrun.
+
+A failed *record* is data: it becomes a row with ``status == "error"``. A failed
+*run* is an exception from this module. Nothing here does I/O.
+
+::
+
+    BatchrunError
+    ├── ConfigError          invalid options or CLI input (exit 2)
+    ├── InputError           unreadable source or bad row (.path, .line; exit 2)
+    ├── OutputError          results cannot be written (exit 3)
+    └── APIError             .status .body .request_id
+        ├── TransientError   retried
+        │   ├── RateLimitError      429 (.retry_after)
+        │   ├── ServerError         5xx, 408, 409, 425
+        │   ├── APIConnectionError  refused, reset, dropped mid-response
+        │   ├── APITimeoutError     no complete answer within the timeout
+        │   └── MalformedResponseError  200 whose body is not a completion
+        ├── PermanentError   other 4xx: a failed row, never retried
+        └── FatalAPIError    401/403, 404 for the endpoint or model: aborts the run
+
+``PermanentError`` and ``FatalAPIError`` are siblings, so ``except PermanentError``
+can never swallow a fatal error.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "BatchrunError",
+    "ConfigError",
+    "FatalAPIError",
+    "InputError",
+    "MalformedResponseError",
+    "OutputError",
+    "PermanentError",
+    "RateLimitError",
+    "ServerError",
+    "TransientError",
+]
+
+
+class BatchrunError(Exception):
+    """Base class of every error batchrun raises on purpose."""
+
+
+class ConfigError(BatchrunError):
+    """Raised when options are invalid or contradict each other."""
+
+
+class InputError(BatchrunError):
+    """Raised when an input file cannot be read or one of its rows is invalid.
+
+    Args:
+        message: What is wrong, without the location.
+        path: The input file.
+        line: The 1-based line (JSONL) or row (Parquet) number, if known.
+        kind: ``"line"`` or ``"row"``, how ``line`` is counted.
+        field: The field at fault, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        kind: str = "line",
+        field: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = path or "<input>"
+        if line is not None:
+            where = f"{where}:{line}" if kind == "line" else f"{where} row {line}"
+        if field is not None:
+            message = f"field {field!r}: {message}"
+        super().__init__(f"{where}: {message}")
+
+
+class OutputError(BatchrunError):
+    """Raised when results cannot be written; the run aborts, flushed parts stay."""
+
+
+class APIError(BatchrunError):
+    """Raised for an unsuccessful answer (or no answer) from the endpoint.
+
+    Args:
+        message: A one-line description.
+        status: The HTTP status, or ``None`` when no response arrived.
+        body: The response body text, shortened.
+        request_id: The provider's request id header, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.request_id = request_id
+        super().__init__(message)
+
+
+class TransientError(APIError):
+    """Raised for failures that may succeed when tried again."""
+
+
+class RateLimitError(TransientError):
+    """Raised on HTTP 429. ``retry_after`` is the server's wait in seconds, if given."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = 429,
+        body: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, body=body, request_id=request_id)
+        self.retry_after = retry_after
+
+
+class ServerError(TransientError):
+    """Raised on HTTP 5xx, 408, 409 and 425. ``retry_after`` as for 429."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, body=body, request_id=request_id)
+        self.retry_after = retry_after
+
+
+class APIConnectionError(TransientError):
+    """Raised when the connection is refused, reset or dropped mid-response."""
+
+
+class APITimeoutError(TransientError):
+    """Raised when no complete response arrives within the request timeout."""
+
+
+class MalformedResponseError(TransientError):
+    """Raised on a 2xx response whose body is not valid JSON or has no choices."""
+
+
+class PermanentError(APIError):
+    """Raised on a 4xx that retrying cannot fix (400, 413, 422, ...)."""
+
+
+class FatalAPIError(APIError):
+    """Raised on 401/403 or a 404 for the endpoint or model: the whole run aborts."""

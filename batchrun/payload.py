@@ -1,0 +1,249 @@
+"""Turn one input row into one request: id, endpoint, body and prompt text.
+
+Pure functions of the row and the ``RequestOptions``: no I/O, no network. Errors
+are ``InputError``s that name the field; the caller adds the file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import orjson
+from jinja2.sandbox import SandboxedEnvironment
+
+from .config import Endpoint, RequestOptions
+from .errors import ConfigError, InputError
+from .records import JSONObject, PromptRecord
+
+__all__ = ["BATCH_FIELDS", "RequestBuilder", "endpoint_from_url", "is_batch_row"]
+
+BATCH_FIELDS = ("custom_id", "body")
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+
+
+def is_batch_row(row: Mapping[str, Any]) -> bool:
+    """Whether a row is an OpenAI Batch API input line."""
+    return "body" in row and "custom_id" in row
+
+
+def endpoint_from_url(url: object) -> Endpoint:
+    """Map a batch line's ``url`` to an endpoint.
+
+    Raises:
+        InputError: The URL names neither completions endpoint.
+    """
+    if isinstance(url, str):
+        path = url.split("?", 1)[0].rstrip("/")
+        if path.endswith("/chat/completions"):
+            return "chat"
+        if path.endswith("/completions"):
+            return "completions"
+    raise InputError(
+        f"url must be /v1/completions or /v1/chat/completions, got {url!r}", field="url"
+    )
+
+
+def _check_messages(messages: object, field: str) -> list[JSONObject]:
+    if not isinstance(messages, list) or not messages:
+        raise InputError("must be a non-empty list of {role, content}", field=field)
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InputError(
+                f"message {index} must be an object with a role", field=field
+            )
+        if message["role"] not in _ROLES:
+            raise InputError(
+                f"message {index} has unknown role {message['role']!r}", field=field
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InputError(f"message {index} content must be text", field=field)
+    return messages
+
+
+class RequestBuilder:
+    """Builds ``PromptRecord``s from rows, following ``RequestOptions``.
+
+    Args:
+        options: How rows become requests.
+
+    Raises:
+        ConfigError: The template does not compile.
+    """
+
+    def __init__(self, options: RequestOptions) -> None:
+        self.options = options
+        self._params = dict(options.params)
+        self._template: jinja2.Template | None = None
+        self.template_fields: frozenset[str] = frozenset()
+        if options.template is not None:
+            env = SandboxedEnvironment(
+                undefined=jinja2.StrictUndefined,
+                keep_trailing_newline=True,
+                autoescape=False,
+            )
+            try:
+                self.template_fields = frozenset(
+                    jinja2.meta.find_undeclared_variables(env.parse(options.template))
+                )
+                self._template = env.from_string(options.template)
+            except jinja2.TemplateSyntaxError as exc:
+                raise ConfigError(f"template line {exc.lineno}: {exc.message}") from exc
+
+    def columns(self) -> set[str]:
+        """The input columns a row may need; Parquet reads only these."""
+        opts = self.options
+        wanted = {opts.prompt_column, opts.messages_column, "id", "custom_id"}
+        wanted.update(("body", "url", "method"))
+        wanted.update(self.template_fields)
+        wanted.update(opts.keep_columns)
+        if opts.id_column is not None:
+            wanted.add(opts.id_column)
+        return wanted
+
+    def row_id(self, row: Mapping[str, Any], position: int) -> str:
+        """The row's id as a string.
+
+        Args:
+            row: The input row.
+            position: Its 0-based position across all inputs.
+
+        Raises:
+            InputError: The id column is missing or holds a non-scalar.
+        """
+        column = self.options.id_column
+        if column is not None:
+            value = row.get(column)
+            if value is None:
+                raise InputError("id column is missing", field=column)
+        else:
+            value = row.get("id")
+            column = "id"
+            if value is None:
+                value = row.get("custom_id")
+                column = "custom_id"
+            if value is None:
+                return str(position)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise InputError(f"id must be a string or number, got {value!r}", field=column)
+
+    def check(self, row: Mapping[str, Any]) -> None:
+        """Validate a row cheaply, without rendering its template."""
+        if self._template is not None and not is_batch_row(row):
+            for name in self.template_fields:
+                if name not in row:
+                    raise InputError(
+                        "column used by the template is missing", field=name
+                    )
+            return
+        self.build(row, "")
+
+    def build(self, row: Mapping[str, Any], row_id: str) -> PromptRecord:
+        """Make the request for one row.
+
+        Raises:
+            InputError: The row lacks what its request needs.
+        """
+        opts = self.options
+        if is_batch_row(row):
+            return self._build_batch(row, row_id)
+        if self._template is not None:
+            try:
+                text = self._template.render(row)
+            except jinja2.UndefinedError as exc:
+                raise InputError(f"template: {exc.message}") from exc
+            except jinja2.TemplateError as exc:
+                raise InputError(f"template failed: {exc}") from exc
+            if opts.endpoint == "chat":
+                return self._chat(row, row_id, [{"role": "user", "content": text}])
+            return self._completion(row, row_id, text)
+        prompt = row.get(opts.prompt_column)
+        messages = row.get(opts.messages_column)
+        endpoint = opts.endpoint
+        if endpoint is None:
+            endpoint = "completions" if prompt is not None else "chat"
+        if endpoint == "chat":
+            if messages is not None:
+                return self._chat(
+                    row, row_id, _check_messages(messages, opts.messages_column)
+                )
+            if isinstance(prompt, str):
+                return self._chat(row, row_id, [{"role": "user", "content": prompt}])
+            if prompt is None:
+                raise InputError(
+                    f"row has neither {opts.prompt_column!r}"
+                    f" nor {opts.messages_column!r}"
+                )
+            raise InputError("must be a string", field=opts.prompt_column)
+        if not isinstance(prompt, str):
+            if prompt is None and messages is not None:
+                raise InputError(
+                    "holds chat messages but --endpoint is completions; "
+                    "use --endpoint chat or a --template",
+                    field=opts.messages_column,
+                )
+            if prompt is None:
+                raise InputError("is missing", field=opts.prompt_column)
+            raise InputError("must be a string", field=opts.prompt_column)
+        return self._completion(row, row_id, prompt)
+
+    def _model(self, body_model: object = None) -> str:
+        model = body_model if body_model is not None else self.options.model
+        if not isinstance(model, str) or not model:
+            raise InputError(
+                "no model: pass --model or put one in the body", field="model"
+            )
+        return model
+
+    def _extra(self, row: Mapping[str, Any]) -> JSONObject | None:
+        keep = self.options.keep_columns
+        if not keep:
+            return None
+        return {name: row.get(name) for name in keep}
+
+    def _completion(
+        self, row: Mapping[str, Any], row_id: str, prompt: str
+    ) -> PromptRecord:
+        body: JSONObject = {"model": self._model(), "prompt": prompt, **self._params}
+        return PromptRecord(row_id, "completions", body, prompt, self._extra(row))
+
+    def _chat(
+        self, row: Mapping[str, Any], row_id: str, messages: list[JSONObject]
+    ) -> PromptRecord:
+        system = self.options.system
+        if system is not None and messages[0].get("role") != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        body: JSONObject = {
+            "model": self._model(),
+            "messages": messages,
+            **self._params,
+        }
+        text = orjson.dumps(messages).decode()
+        return PromptRecord(row_id, "chat", body, text, self._extra(row))
+
+    def _build_batch(self, row: Mapping[str, Any], row_id: str) -> PromptRecord:
+        method = row.get("method", "POST")
+        if method != "POST":
+            raise InputError(f"method must be POST, got {method!r}", field="method")
+        endpoint = endpoint_from_url(row.get("url"))
+        given = row.get("body")
+        if not isinstance(given, dict):
+            raise InputError("must be a JSON object", field="body")
+        # Fields in the batch body win over command-line parameters.
+        body: JSONObject = {**self._params, **given}
+        body["model"] = self._model(given.get("model"))
+        if endpoint == "chat":
+            messages = _check_messages(body.get("messages"), "body.messages")
+            text = orjson.dumps(messages).decode()
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise InputError("must be a string", field="body.prompt")
+            text = prompt
+        return PromptRecord(row_id, endpoint, body, text, self._extra(row))

@@ -1,0 +1,95 @@
+"""Plain data carried between the stages of a run: prompts in, results out.
+
+No I/O and no behaviour beyond small derived values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Endpoint
+
+__all__ = ["JSONObject", "PromptRecord", "Result", "Usage"]
+
+JSONObject = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts as the server reported them; ``None`` when it reported none."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    @classmethod
+    def from_response(cls, data: JSONObject) -> Usage:
+        """Read the ``usage`` object of a response body, tolerating its absence."""
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            return _NO_USAGE
+        return cls(
+            _int_or_none(usage.get("prompt_tokens")),
+            _int_or_none(usage.get("completion_tokens")),
+            _int_or_none(usage.get("total_tokens")),
+        )
+
+
+_NO_USAGE = Usage()
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRecord:
+    """One request to make.
+
+    Attributes:
+        id: The stable row id (a string).
+        endpoint: ``completions`` or ``chat``.
+        body: The JSON request body, model included.
+        prompt: The rendered prompt, or the messages as JSON text.
+        extra: Input columns to carry into the result (``--keep-columns``).
+    """
+
+    id: str
+    endpoint: Endpoint
+    body: JSONObject
+    prompt: str
+    extra: JSONObject | None = None
+
+    @property
+    def model(self) -> str:
+        """The model named in the body."""
+        return str(self.body.get("model", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one record: a row of the results table."""
+
+    id: str
+    status: str
+    endpoint: Endpoint
+    model: str
+    prompt: str
+    completion: str | None
+    choices: list[JSONObject] | None
+    finish_reason: str | None
+    usage: Usage
+    response: str | None
+    http_status: int | None
+    attempts: int
+    latency_s: float
+    error: str | None
+    started_at: float
+    finished_at: float
+    extra: JSONObject | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request succeeded."""
+        return self.status == "ok"

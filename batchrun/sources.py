@@ -1,0 +1,222 @@
+"""Read input files as a stream of row batches.
+
+JSONL (``.jsonl``, ``.json``, ``.jsonl.gz``) and Parquet (a file, or a directory
+of ``.parquet`` files). Rows come out as plain dicts in batches, so memory stays
+flat whatever the input's size. This module knows nothing about prompts or
+requests; it only reads, and raises ``InputError`` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+__all__ = ["DEFAULT_BATCH_ROWS", "IdSet", "RowBatch", "expand_inputs", "iter_batches"]
+
+DEFAULT_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RowBatch:
+    """Consecutive rows of one input file.
+
+    Attributes:
+        path: The file the rows come from.
+        rows: The rows, as dicts of column to value.
+        numbers: For each row, its 1-based line (JSONL) or row (Parquet) number.
+        kind: ``"line"`` or ``"row"``: what ``numbers`` count.
+    """
+
+    path: str
+    rows: list[dict[str, Any]]
+    numbers: Sequence[int]
+    kind: str
+
+
+def expand_inputs(paths: Sequence[Path]) -> list[Path]:
+    """Turn the user's paths into the list of files to read, in order.
+
+    Raises:
+        InputError: A path does not exist, or a directory holds no Parquet file.
+    """
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix == ".parquet")
+            if not found:
+                raise InputError("directory holds no .parquet files", path=str(path))
+            files.extend(found)
+        elif path.is_file():
+            if _format_of(path) is None:
+                raise InputError(
+                    "unknown input format: expected .jsonl, .json, .jsonl.gz"
+                    " or .parquet",
+                    path=str(path),
+                )
+            files.append(path)
+        else:
+            raise InputError("no such file or directory", path=str(path))
+    return files
+
+
+def _format_of(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")):
+        return "jsonl"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    return None
+
+
+def count_rows(files: Sequence[Path]) -> int | None:
+    """The total number of rows if it is known from metadata alone (Parquet only)."""
+    total = 0
+    for path in files:
+        if _format_of(path) != "parquet":
+            return None
+        try:
+            total += pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(
+                f"cannot read Parquet file: {exc}", path=str(path)
+            ) from exc
+    return total
+
+
+def iter_batches(
+    files: Sequence[Path],
+    *,
+    columns: Collection[str] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Iterator[RowBatch]:
+    """Yield the rows of every file in order, ``batch_rows`` at a time.
+
+    Args:
+        files: Files from ``expand_inputs``.
+        columns: Parquet columns to read; ``None`` reads all. Missing ones are
+            skipped here and reported by whoever needs them.
+        batch_rows: Rows per batch.
+
+    Raises:
+        InputError: A file cannot be read, or a JSONL line is not a JSON object.
+    """
+    for path in files:
+        if _format_of(path) == "parquet":
+            yield from _parquet_batches(path, columns, batch_rows)
+        else:
+            yield from _jsonl_batches(path, batch_rows)
+
+
+def _open_jsonl(path: Path) -> IO[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
+def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
+    name = str(path)
+    rows: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    loads = orjson.loads
+    try:
+        with _open_jsonl(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise InputError(
+                        f"malformed JSON: {exc}", path=name, line=number
+                    ) from exc
+                if not isinstance(row, dict):
+                    raise InputError(
+                        f"expected a JSON object, got {type(row).__name__}",
+                        path=name,
+                        line=number,
+                    )
+                rows.append(row)
+                numbers.append(number)
+                if len(rows) >= batch_rows:
+                    yield RowBatch(name, rows, numbers, "line")
+                    rows, numbers = [], []
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read file: {exc}", path=name) from exc
+    if rows:
+        yield RowBatch(name, rows, numbers, "line")
+
+
+def _parquet_batches(
+    path: Path, columns: Collection[str] | None, batch_rows: int
+) -> Iterator[RowBatch]:
+    name = str(path)
+    try:
+        parquet = pq.ParquetFile(path)
+        present = parquet.schema_arrow.names
+        wanted = None if columns is None else [c for c in present if c in columns]
+        start = 1
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            rows = batch.to_pylist()
+            yield RowBatch(name, rows, range(start, start + len(rows)), "row")
+            start += len(rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read Parquet file: {exc}", path=name) from exc
+
+
+class IdSet:
+    """A compact set of string ids, a few bytes per id, backed by Arrow arrays.
+
+    Used for the duplicate-id check and for resume, where a Python ``set`` of a
+    million strings would cost about 100 MB.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[pa.Array] = []
+        self._pending: list[str] = []
+        self._values: pa.Array | None = None
+
+    def add_many(self, ids: Sequence[str]) -> None:
+        """Add ids; call ``freeze`` before asking questions."""
+        self._pending.extend(ids)
+        if len(self._pending) >= 65536:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._pending:
+            self._chunks.append(pa.array(self._pending, pa.string()))
+            self._pending = []
+        self._values = None
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks) + len(self._pending)
+
+    def first_duplicate(self) -> str | None:
+        """Some id that occurs more than once, or ``None``."""
+        self._spill()
+        if not self._chunks:
+            return None
+        counts = pc.value_counts(pa.chunked_array(self._chunks, pa.string()))
+        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+        return None if len(repeated) == 0 else str(repeated[0]["values"].as_py())
+
+    def contains_each(self, ids: Sequence[str]) -> list[bool]:
+        """For each id, whether it is in the set."""
+        self._spill()
+        if not self._chunks or not ids:
+            return [False] * len(ids)
+        if self._values is None:
+            self._values = pa.chunked_array(self._chunks, pa.string()).combine_chunks()
+        result: list[bool] = pc.is_in(
+            pa.array(ids, pa.string()), value_set=self._values
+        ).to_pylist()
+        return result

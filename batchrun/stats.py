@@ -1,0 +1,325 @@
+"""Counters, the usage table, progress display and the closing summary.
+
+``StatsCollector`` is fed every result by the writer; ``Progress`` renders
+the counters now and then (a tqdm bar on a terminal, a plain line every 10 s
+otherwise). This is the only module that imports tqdm. It does no file I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from tqdm import tqdm
+
+from .records import Result
+
+__all__ = [
+    "Clock",
+    "LatencyHistogram",
+    "LineProgress",
+    "NullProgress",
+    "Progress",
+    "RunStats",
+    "StatsCollector",
+    "TqdmProgress",
+    "make_progress",
+]
+
+Clock = Callable[[], float]
+
+# Latencies go into logarithmic bins 1 % wide: constant memory, <= 0.5 % error.
+_BINS_PER_E = 100
+
+
+class LatencyHistogram:
+    """Approximate latency quantiles in constant memory."""
+
+    __slots__ = ("_bins", "count")
+
+    def __init__(self) -> None:
+        self._bins: dict[int, int] = {}
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        """Record one latency."""
+        key = math.floor(math.log(max(seconds, 1e-6)) * _BINS_PER_E)
+        self._bins[key] = self._bins.get(key, 0) + 1
+        self.count += 1
+
+    def merge(self, other: LatencyHistogram) -> None:
+        """Add another histogram's counts to this one."""
+        for key, n in other._bins.items():
+            self._bins[key] = self._bins.get(key, 0) + n
+        self.count += other.count
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1), or ``None`` when empty."""
+        if not self.count:
+            return None
+        rank = q * (self.count - 1)
+        seen = 0
+        for key in sorted(self._bins):
+            seen += self._bins[key]
+            if seen > rank:
+                return math.exp((key + 0.5) / _BINS_PER_E)
+        return None  # pragma: no cover - unreachable for 0 <= q <= 1
+
+
+@dataclass(slots=True)
+class GroupStats:
+    """Counters for one (model, endpoint) pair, or the whole run."""
+
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    latencies: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def add(self, result: Result) -> None:
+        """Count one result."""
+        self.requests += 1
+        if result.status == "ok":
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        self.attempts += result.attempts
+        usage = result.usage
+        self.prompt_tokens += usage.prompt_tokens or 0
+        self.completion_tokens += usage.completion_tokens or 0
+        self.total_tokens += usage.total_tokens or 0
+        if result.attempts:
+            self.latencies.add(result.latency_s)
+
+    def row(self, model: str, endpoint: str, wall_s: float) -> dict[str, Any]:
+        """One row of ``usage.parquet``."""
+        per_s = 1.0 / wall_s if wall_s > 0 else 0.0
+        lat = self.latencies
+        return {
+            "model": model,
+            "endpoint": endpoint,
+            "requests": self.requests,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "attempts": self.attempts,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "wall_s": wall_s,
+            "requests_per_s": self.requests * per_s,
+            "completion_tokens_per_s": self.completion_tokens * per_s,
+            "latency_p50_s": lat.quantile(0.5),
+            "latency_p90_s": lat.quantile(0.9),
+            "latency_p99_s": lat.quantile(0.99),
+        }
+
+
+class StatsCollector:
+    """Aggregates results per (model, endpoint) and for the whole run.
+
+    Args:
+        clock: Monotonic seconds, injectable for tests.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self.started = clock()
+        self.total = GroupStats()
+        self._groups: dict[tuple[str, str], GroupStats] = {}
+
+    def record(self, results: Sequence[Result]) -> None:
+        """Count finished results."""
+        groups = self._groups
+        total = self.total
+        for result in results:
+            key = (result.model, result.endpoint)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = GroupStats()
+            group.add(result)
+            total.add(result)
+
+    def elapsed(self) -> float:
+        """Seconds since the collector was made."""
+        return self._clock() - self.started
+
+    def usage_rows(self) -> list[dict[str, Any]]:
+        """The rows of ``usage.parquet``: one per (model, endpoint), then ``*``."""
+        wall = self.elapsed()
+        rows = [g.row(m, e, wall) for (m, e), g in sorted(self._groups.items())]
+        rows.append(self.total.row("*", "*", wall))
+        return rows
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunStats:
+    """What a finished run did; returned by ``run`` and ``arun``.
+
+    Attributes:
+        rows: Results written by this run.
+        succeeded: Rows with status ``ok``.
+        failed: Rows with status ``error``.
+        attempts: HTTP requests made.
+        prompt_tokens, completion_tokens, total_tokens: As the server reported.
+        wall_s: Seconds from start to the last result.
+        out_dir: Where the results are.
+    """
+
+    rows: int
+    succeeded: int
+    failed: int
+    attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    wall_s: float
+    out_dir: Path
+
+    @property
+    def requests_per_s(self) -> float:
+        """Rows finished per second of wall time."""
+        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
+
+    @classmethod
+    def from_collector(cls, stats: StatsCollector, out_dir: Path) -> RunStats:
+        """Freeze a collector's totals."""
+        t = stats.total
+        return cls(
+            rows=t.requests,
+            succeeded=t.succeeded,
+            failed=t.failed,
+            attempts=t.attempts,
+            prompt_tokens=t.prompt_tokens,
+            completion_tokens=t.completion_tokens,
+            total_tokens=t.total_tokens,
+            wall_s=stats.elapsed(),
+            out_dir=out_dir,
+        )
+
+    def summary(self) -> str:
+        """A few human lines about the run."""
+        return (
+            f"{self.rows} rows: {self.succeeded} ok, {self.failed} failed"
+            f" ({self.attempts} requests)\n"
+            f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
+            f" = {self.total_tokens}\n"
+            f"wall time {self.wall_s:.1f} s, {self.requests_per_s:.1f} rows/s,"
+            f" {self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0:.0f}"
+            " completion tokens/s\n"
+            f"results: {self.out_dir / 'results'}"
+            f"  usage: {self.out_dir / 'usage.parquet'}"
+        )
+
+
+class Progress(Protocol):
+    """Renders progress; ``refresh`` is called about once a second."""
+
+    def refresh(self, stats: StatsCollector) -> None:
+        """Show the current counters."""
+
+    def close(self, stats: StatsCollector) -> None:
+        """Show the final counters and release the display."""
+
+
+class NullProgress:
+    """Shows nothing (``--quiet``)."""
+
+    def refresh(self, stats: StatsCollector) -> None:
+        """Do nothing."""
+
+    def close(self, stats: StatsCollector) -> None:
+        """Do nothing."""
+
+
+def _rates(stats: StatsCollector) -> tuple[float, float]:
+    elapsed = max(stats.elapsed(), 1e-9)
+    return stats.total.requests / elapsed, stats.total.completion_tokens / elapsed
+
+
+class TqdmProgress:
+    """A tqdm bar on stderr: rows done of total, ok/failed, rows/s, tokens/s, ETA."""
+
+    def __init__(self, total: int | None, stream: TextIO) -> None:
+        self._bar = tqdm(
+            total=total, file=stream, unit="row", dynamic_ncols=True, smoothing=0.1
+        )
+        self._shown = 0
+
+    def refresh(self, stats: StatsCollector) -> None:
+        """Advance the bar to the collector's count."""
+        done = stats.total.requests
+        _, tok_s = _rates(stats)
+        self._bar.set_postfix_str(
+            f"ok={stats.total.succeeded} failed={stats.total.failed} tok/s={tok_s:.0f}",
+            refresh=False,
+        )
+        self._bar.update(done - self._shown)
+        self._shown = done
+
+    def close(self, stats: StatsCollector) -> None:
+        """Final update, then close the bar."""
+        self.refresh(stats)
+        self._bar.close()
+
+
+class LineProgress:
+    """One plain line every ``interval_s`` seconds, for logs and pipes."""
+
+    def __init__(
+        self, total: int | None, stream: TextIO, *, interval_s: float, clock: Clock
+    ) -> None:
+        self._total = total
+        self._stream = stream
+        self._interval = interval_s
+        self._clock = clock
+        self._next = clock() + interval_s
+
+    def refresh(self, stats: StatsCollector) -> None:
+        """Print a line if the interval has passed."""
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self._interval
+            self._print(stats)
+
+    def _print(self, stats: StatsCollector) -> None:
+        t = stats.total
+        rate, tok_s = _rates(stats)
+        of = f"/{self._total}" if self._total is not None else ""
+        eta = ""
+        if self._total is not None and rate > 0:
+            eta = f" eta {max(self._total - t.requests, 0) / rate:.0f}s"
+        self._stream.write(
+            f"batchrun: {t.requests}{of} rows, ok={t.succeeded} failed={t.failed},"
+            f" {rate:.1f} rows/s, {tok_s:.0f} tok/s{eta}\n"
+        )
+        self._stream.flush()
+
+    def close(self, stats: StatsCollector) -> None:
+        """Nothing more: the summary follows."""
+
+
+def make_progress(
+    mode: str,
+    total: int | None,
+    *,
+    stream: TextIO | None = None,
+    interval_s: float = 10.0,
+    clock: Clock = time.monotonic,
+) -> Progress:
+    """The progress display for ``mode`` (auto, bar, lines, off)."""
+    out = sys.stderr if stream is None else stream
+    if mode == "auto":
+        mode = "bar" if out.isatty() else "lines"
+    if mode == "bar":
+        return TqdmProgress(total, out)
+    if mode == "lines":
+        return LineProgress(total, out, interval_s=interval_s, clock=clock)
+    return NullProgress()
