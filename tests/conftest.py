@@ -1,0 +1,53 @@
+"""Shared fixtures: a real simulator on an ephemeral port, and input writers.
+
+Every test talks to ``batchrun.simulator`` over a socket; nothing in aiohttp or
+the runner is mocked. The simulator runs in its own thread and event loop so
+that both synchronous CLI tests (``main([...])``) and async tests can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrun.simulator import SimulatorConfig, SimulatorHandle, serve_in_thread
+
+from .helpers import Rows, SimFactory, WriteInput, write_jsonl, write_parquet
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[SimFactory]:
+    """Start simulators with a given config; all are stopped after the test."""
+    stack: list[Any] = []
+
+    def start(**options: Any) -> SimulatorHandle:
+        manager = serve_in_thread(SimulatorConfig(**options))
+        handle = manager.__enter__()
+        stack.append(manager)
+        return handle
+
+    yield start
+    for manager in reversed(stack):
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture
+def sim(sim_factory: SimFactory) -> SimulatorHandle:
+    """A simulator with default settings."""
+    return sim_factory()
+
+
+@pytest.fixture(params=["jsonl", "parquet"])
+def write_input(request: pytest.FixtureRequest, tmp_path: Path) -> WriteInput:
+    """Write rows in each input format in turn (the test runs once per format)."""
+    fmt: str = request.param
+
+    def write(rows: Rows, name: str = "input") -> Path:
+        if fmt == "jsonl":
+            return write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        return write_parquet(tmp_path / f"{name}.parquet", rows)
+
+    return write

@@ -1,0 +1,47 @@
+"""Helpers for tests: input writers, result readers, the in-process CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from batchrun.cli import main
+from batchrun.simulator import SimulatorHandle
+
+Rows = Sequence[dict[str, Any]]
+SimFactory = Callable[..., SimulatorHandle]
+WriteInput = Callable[..., Path]
+
+
+def write_jsonl(path: Path, rows: Rows) -> Path:
+    """Write rows as JSON lines."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_parquet(path: Path, rows: Rows) -> Path:
+    """Write rows as a Parquet file."""
+    pq.write_table(pa.Table.from_pylist(list(rows)), path)
+    return path
+
+
+def prompts(n: int, *, prefix: str = "row") -> list[dict[str, Any]]:
+    """``n`` completions rows with ids ``<prefix>-<i>``."""
+    return [{"id": f"{prefix}-{i}", "prompt": f"Prompt number {i}:"} for i in range(n)]
+
+
+def read_results(out: Path) -> list[dict[str, Any]]:
+    """All result rows of a run, in id order."""
+    table = ds.dataset(out / "results", format="parquet").to_table()
+    return sorted(table.to_pylist(), key=lambda r: str(r["id"]))
+
+
+def run_cli(*args: str | Path) -> int:
+    """Run the CLI in-process; returns the exit code."""
+    return main([str(a) for a in args])

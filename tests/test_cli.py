@@ -1,0 +1,341 @@
+"""The command-line contract: usage errors, input errors and exit codes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from batchrun.cli import main
+from batchrun.simulator import SimulatorHandle
+
+from .helpers import prompts, read_results, run_cli, write_jsonl, write_parquet
+
+
+def _run(sim: SimulatorHandle, inp: Path, out: Path, *extra: str) -> int:
+    return run_cli(
+        "run",
+        inp,
+        "-o",
+        out,
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "m",
+        "--quiet",
+        *extra,
+    )
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    assert err[0].startswith("batchrun: error: ")
+    return err[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the version and exits 0."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("batchrun ")
+
+
+def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    """run --help lists the flags and worked examples."""
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--provider", "--template-file", "--concurrency", "--keep-columns"):
+        assert flag in out
+    assert "batchrun run samples/prompts.jsonl -o runs/demo --provider mock" in out
+
+
+def test_unknown_flag_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown flag is a one-line usage error with exit 2."""
+    assert main(["run", "x.jsonl", "-o", "out", "--bogus"]) == 2
+    assert "--bogus" in _error_line(capsys)
+
+
+def test_no_endpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No provider, base URL or BATCHRUN_BASE_URL: exit 2 naming the fix."""
+    monkeypatch.delenv("BATCHRUN_BASE_URL", raising=False)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    assert main(["run", str(inp), "-o", str(tmp_path / "out")]) == 2
+    assert "no endpoint" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_url_from_environment(
+    sim: SimulatorHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BATCHRUN_BASE_URL stands in for --base-url."""
+    monkeypatch.setenv("BATCHRUN_BASE_URL", sim.base_url)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    assert run_cli("run", inp, "-o", tmp_path / "out", "--model", "m", "--quiet") == 0
+    assert sim.state.snapshot()["requests"] == 2
+
+
+def test_provider_key_must_be_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--provider fireworks without FIREWORKS_API_KEY is a usage error, not a 401."""
+    monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--provider", "fireworks", "--model", "x"
+    )
+    assert code == 2
+    assert "FIREWORKS_API_KEY is not set" in _error_line(capsys)
+
+
+def test_malformed_json_line(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A malformed line: exit 2 naming file and line; nothing is sent."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
+    assert _run(sim, inp, tmp_path / "out") == 2
+    line = _error_line(capsys)
+    assert f"{inp}:3:" in line
+    assert "malformed JSON" in line
+    assert sim.state.snapshot()["requests"] == 0
+
+
+def test_row_without_prompt(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row with neither prompt nor messages: exit 2 naming the line."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}, {"text": "nope"}])
+    assert _run(sim, inp, tmp_path / "out") == 2
+    line = _error_line(capsys)
+    assert f"{inp}:2:" in line
+    assert "neither 'prompt' nor 'messages'" in line
+    assert sim.state.snapshot()["requests"] == 0
+
+
+def test_bad_parquet_row_names_row(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In Parquet the error names the row number and the field."""
+    inp = write_parquet(tmp_path / "in.parquet", [{"prompt": "a"}, {"prompt": None}])
+    assert _run(sim, inp, tmp_path / "out", "--endpoint", "completions") == 2
+    line = _error_line(capsys)
+    assert f"{inp} row 2: field 'prompt'" in line
+
+
+def test_bad_messages(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Messages without a role are an input error naming the field."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"content": "x"}]}])
+    assert _run(sim, inp, tmp_path / "out") == 2
+    assert "field 'messages': message 0 must be an object with a role" in _error_line(
+        capsys
+    )
+
+
+def test_unreadable_file(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file or a corrupt gzip is exit 2 naming the file."""
+    assert _run(sim, tmp_path / "missing.jsonl", tmp_path / "out") == 2
+    assert "missing.jsonl: no such file" in _error_line(capsys)
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    assert _run(sim, bad, tmp_path / "out2") == 2
+    assert "bad.jsonl.gz: cannot read file" in _error_line(capsys)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 definitely not parquet")
+    assert _run(sim, broken, tmp_path / "out3") == 2
+    assert "broken.parquet: cannot read Parquet file" in _error_line(capsys)
+
+
+def test_gzip_and_blank_lines(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """.jsonl.gz is read; blank lines are skipped."""
+    inp = tmp_path / "in.jsonl.gz"
+    with gzip.open(inp, "wt") as handle:
+        handle.write('{"id": "a", "prompt": "x"}\n\n  \n{"id": "b", "prompt": "y"}\n')
+    assert _run(sim, inp, tmp_path / "out") == 0
+    assert [r["id"] for r in read_results(tmp_path / "out")] == ["a", "b"]
+
+
+def test_parquet_directory(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """A directory of Parquet files is read in name order, as one input."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_parquet(folder / "b.parquet", prompts(3, prefix="b"))
+    write_parquet(folder / "a.parquet", prompts(2, prefix="a"))
+    assert _run(sim, folder, tmp_path / "out") == 0
+    assert len(read_results(tmp_path / "out")) == 5
+
+
+def test_duplicate_id_names_both_rows(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A duplicate id: exit 2, naming both rows; nothing is sent."""
+    rows = [
+        {"id": "a", "prompt": "1"},
+        {"id": "b", "prompt": "2"},
+        {"id": "a", "prompt": "3"},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert _run(sim, inp, tmp_path / "out") == 2
+    line = _error_line(capsys)
+    assert f"{inp}:3:" in line
+    assert f"duplicate id 'a', first at {inp}:1" in line
+    assert sim.state.snapshot()["requests"] == 0
+
+
+def test_duplicate_id_across_files(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ids must be unique across all inputs of a run."""
+    one = write_jsonl(tmp_path / "one.jsonl", prompts(2))
+    two = write_parquet(tmp_path / "two.parquet", prompts(1))
+    code = run_cli(
+        "run",
+        one,
+        two,
+        "-o",
+        tmp_path / "out",
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "m",
+        "--quiet",
+    )
+    assert code == 2
+    assert f"{two} row 1" in _error_line(capsys)
+
+
+def test_missing_template_column(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A template column missing from a row is an input error naming row and field."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"name": "a"}, {"nom": "b"}])
+    assert _run(sim, inp, tmp_path / "out", "--template", "Hi {{ name }}") == 2
+    assert f"{inp}:2: field 'name'" in _error_line(capsys)
+
+
+def test_template_syntax_error(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A template that does not compile is a usage error."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"name": "a"}])
+    assert _run(sim, inp, tmp_path / "out", "--template", "Hi {{ name ") == 2
+    assert "template line 1" in _error_line(capsys)
+
+
+def test_missing_template_file(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing --template-file is a usage error naming it."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"name": "a"}])
+    assert (
+        _run(sim, inp, tmp_path / "out", "--template-file", tmp_path / "nope.j2") == 2
+    )
+    assert "nope.j2" in _error_line(capsys)
+
+
+def test_model_required(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --model a row whose body names no model is an input error."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--base-url", sim.base_url, "--quiet"
+    )
+    assert code == 2
+    assert "field 'model': no model" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concurrency", "0"], "concurrency must be"),
+        (["--n", "0"], "n must be an integer"),
+        (["--timeout", "0"], "timeout must be positive"),
+        (["--param", "novalue"], "--param expects KEY=VALUE"),
+        (["--param", "model=x"], "--param model=... is not allowed"),
+    ],
+)
+def test_invalid_options(
+    sim: SimulatorHandle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    """Invalid option values are one-line usage errors with exit 2."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    assert _run(sim, inp, tmp_path / "out", *flags) == 2
+    assert message in _error_line(capsys)
+
+
+def test_refuses_existing_output_unless_overwrite(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run into the same OUT refuses with exit 2; --overwrite replaces it."""
+    out = tmp_path / "out"
+    assert (
+        _run(sim, write_jsonl(tmp_path / "a.jsonl", prompts(3, prefix="a")), out) == 0
+    )
+    second = write_jsonl(tmp_path / "b.jsonl", prompts(2, prefix="b"))
+    assert _run(sim, second, out) == 2
+    assert "already holds results" in _error_line(capsys)
+    assert len(read_results(out)) == 3
+    assert _run(sim, second, out, "--overwrite") == 0
+    assert [r["id"] for r in read_results(out)] == ["b-0", "b-1"]
+
+
+def test_summary_and_line_progress(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --quiet a summary goes to stderr, naming counts and the results path."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    code = run_cli(
+        "run",
+        inp,
+        "-o",
+        tmp_path / "out",
+        "--base-url",
+        sim.base_url,
+        "--model",
+        "m",
+        "--progress",
+        "lines",
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "4 rows: 4 ok, 0 failed" in err
+    assert str(tmp_path / "out" / "results") in err
+
+
+def test_unwritable_output_exits_3(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output path that cannot be created aborts with exit 3."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    assert _run(sim, inp, blocker / "out") == 3
+    assert "cannot write" in _error_line(capsys)
+
+
+def test_manifest_records_options_not_key(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """manifest.json records inputs, request options and counts."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    assert _run(sim, inp, tmp_path / "out", "--temperature", "0.2") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"] == [str(inp)]
+    assert manifest["request"]["params"] == {"temperature": 0.2}
+    assert manifest["request"]["model"] == "m"
+    assert manifest["counts"]["rows"] == 2
+    assert manifest["batchrun_version"]
