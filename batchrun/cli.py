@@ -189,8 +189,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="COL",
         help="field holding chat messages (default messages)",
     )
-    for flag, _, kind in _SAMPLING:
-        rq.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+    for flag, field, kind in _SAMPLING:
+        rq.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"body field {field} (sent only when given)",
+        )
     rq.add_argument(
         "--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)"
     )

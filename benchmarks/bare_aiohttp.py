@@ -1,0 +1,64 @@
+"""The practical ceiling: a bare aiohttp worker pool with no features at all.
+
+One ClientSession, N workers pulling prompts from a shared iterator, each
+POSTing to /v1/completions and parsing the JSON answer. No retries, no rate
+limits, no output. Prints one JSON line: rows, wall_s, first_request_s.
+
+    python benchmarks/bare_aiohttp.py INPUT.jsonl --base-url URL --concurrency 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import aiohttp
+import orjson
+
+T0 = time.perf_counter()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("input")
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--model", default="mock-model")
+    args = parser.parse_args()
+    with open(args.input, "rb") as handle:
+        prompts = [orjson.loads(line)["prompt"] for line in handle if line.strip()]
+    url = args.base_url.rstrip("/") + "/completions"
+    rows = iter(prompts)
+    done = 0
+    first: list[float] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        for prompt in rows:
+            if not first:
+                first.append(time.perf_counter())
+            body = orjson.dumps({"model": args.model, "prompt": prompt, "max_tokens": 16})
+            async with session.post(
+                url, data=body, headers={"Content-Type": "application/json"}
+            ) as response:
+                data = orjson.loads(await response.read())
+            if "choices" in data:
+                done += 1
+
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
+        wall = time.perf_counter() - start
+    json.dump(
+        {"rows": done, "wall_s": wall, "first_request_s": first[0] - T0 if first else None},
+        sys.stdout,
+    )
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
