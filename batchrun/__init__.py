@@ -5,7 +5,8 @@ Fast, inside the provider's rate limits, and never losing a paid-for result.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from .config import (
     EndpointConfig,
@@ -33,8 +34,8 @@ from .runner import arun, run
 from .stats import RunStats
 
 try:
-    __version__ = version("batchrun")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("batchrun")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 __all__ = [

@@ -174,13 +174,16 @@ class APIClient:
                     f"HTTP {status} without choices",
                     status=status,
                     body=self._snippet(raw),
+                    data=data if isinstance(data, dict) else None,
                 )
             return Reply(status, data, raw, headers)
         raise self._error(status, raw, headers, url)
 
     def _snippet(self, raw: bytes) -> str:
-        text = raw[: _BODY_SNIPPET * 4].decode("utf-8", "replace")
-        return self._scrub(" ".join(text.split()))[:_BODY_SNIPPET]
+        # Scrub the whole body before cutting it, so a key cut in half by the
+        # limit cannot survive as a fragment.
+        text = self._scrub(raw.decode("utf-8", "replace"))
+        return " ".join(text.split())[:_BODY_SNIPPET]
 
     def _error(
         self, status: int, raw: bytes, headers: Mapping[str, str], url: str
@@ -195,6 +198,7 @@ class APIClient:
                 message,
                 body=body,
                 request_id=request_id,
+                headers=headers,
                 retry_after=parse_retry_after(headers),
             )
         if status >= 500 or status in _SERVER_STATUSES:
@@ -203,6 +207,7 @@ class APIClient:
                 status=status,
                 body=body,
                 request_id=request_id,
+                headers=headers,
                 retry_after=parse_retry_after(headers),
             )
         if status in (401, 403):

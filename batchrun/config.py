@@ -25,7 +25,9 @@ __all__ = [
     "OutputOptions",
     "ProgressMode",
     "ProviderPreset",
+    "RateLimits",
     "RequestOptions",
+    "RetryPolicy",
     "RunConfig",
 ]
 
@@ -37,6 +39,11 @@ DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_FLUSH_ROWS = 1000
 DEFAULT_FLUSH_INTERVAL_S = 10.0
 DEFAULT_PROGRESS_INTERVAL_S = 10.0
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_MAX_RETRY_TIME_S = 900.0
+DEFAULT_MAX_RETRY_WAIT_S = 120.0
+DEFAULT_BACKOFF_BASE_S = 0.5
+DEFAULT_BACKOFF_MAX_S = 30.0
 
 # Body fields that shape a request; they are recorded in the manifest.
 SAMPLING_FIELDS = (
@@ -209,6 +216,70 @@ class OutputOptions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimits:
+    """Client-side budgets per minute; ``None`` means no limit of that kind.
+
+    The limiter also follows the server's rate-limit headers; these values stay
+    the ceiling.
+
+    Args:
+        rpm: Requests per minute.
+        tpm: Prompt plus completion tokens per minute.
+        prompt_tpm: Prompt tokens per minute.
+        completion_tpm: Completion (generated) tokens per minute.
+    """
+
+    rpm: float | None = None
+    tpm: float | None = None
+    prompt_tpm: float | None = None
+    completion_tpm: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "prompt_tpm", "completion_tpm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """When and how long to retry a transient failure.
+
+    The wait before attempt k+1 is the server's ``Retry-After`` when it sent
+    one (at most ``max_retry_wait_s``), else full jitter:
+    ``uniform(0, min(backoff_max_s, backoff_base_s * 2 ** (k - 1)))``.
+
+    Args:
+        max_attempts: Attempts per row, the first included.
+        max_retry_time_s: Give up on a row once this long has passed since its
+            first attempt.
+        max_retry_wait_s: The longest ``Retry-After`` honoured.
+        backoff_base_s: The first backoff's upper bound.
+        backoff_max_s: The cap on any backoff.
+    """
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_retry_time_s: float = DEFAULT_MAX_RETRY_TIME_S
+    max_retry_wait_s: float = DEFAULT_MAX_RETRY_WAIT_S
+    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        for name in (
+            "max_retry_time_s",
+            "max_retry_wait_s",
+            "backoff_base_s",
+            "backoff_max_s",
+        ):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(
+                    f"{name} must not be negative, got {getattr(self, name)}"
+                )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
     """Everything one run needs.
 
@@ -218,7 +289,10 @@ class RunConfig:
         output: Where results go.
         endpoint: The server.
         request: How rows become request bodies.
-        concurrency: Requests in flight at once; the connection pool matches it.
+        concurrency: The most requests in flight at once; the connection pool
+            matches it. The adaptive limiter starts lower and grows to it.
+        limits: Client-side rate limits.
+        retry: The retry policy.
         progress: ``auto`` (a bar on a terminal, else a line every 10 s),
             ``bar``, ``lines`` or ``off``.
     """
@@ -228,6 +302,8 @@ class RunConfig:
     endpoint: EndpointConfig
     request: RequestOptions = field(default_factory=RequestOptions)
     concurrency: int = DEFAULT_CONCURRENCY
+    limits: RateLimits = field(default_factory=RateLimits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress: ProgressMode = "auto"
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ A failed *record* is data: it becomes a row with ``status == "error"``. A failed
         │   └── MalformedResponseError  200 whose body is not a completion
         ├── PermanentError   other 4xx: a failed row, never retried
         └── FatalAPIError    401/403, 404 for the endpoint or model: aborts the run
+            └── CircuitBreakerError  50 rows in a row failed the same permanent way
 
 ``PermanentError`` and ``FatalAPIError`` are siblings, so ``except PermanentError``
 can never swallow a fatal error.
@@ -25,11 +26,14 @@ can never swallow a fatal error.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = [
     "APIConnectionError",
     "APIError",
     "APITimeoutError",
     "BatchrunError",
+    "CircuitBreakerError",
     "ConfigError",
     "FatalAPIError",
     "InputError",
@@ -94,6 +98,7 @@ class APIError(BatchrunError):
         status: The HTTP status, or ``None`` when no response arrived.
         body: The response body text, shortened.
         request_id: The provider's request id header, if any.
+        headers: The response headers, if a response arrived.
     """
 
     def __init__(
@@ -103,10 +108,12 @@ class APIError(BatchrunError):
         status: int | None = None,
         body: str | None = None,
         request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.request_id = request_id
+        self.headers = headers
         super().__init__(message)
 
 
@@ -124,9 +131,12 @@ class RateLimitError(TransientError):
         status: int | None = 429,
         body: str | None = None,
         request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status=status, body=body, request_id=request_id)
+        super().__init__(
+            message, status=status, body=body, request_id=request_id, headers=headers
+        )
         self.retry_after = retry_after
 
 
@@ -140,9 +150,12 @@ class ServerError(TransientError):
         status: int | None = None,
         body: str | None = None,
         request_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status=status, body=body, request_id=request_id)
+        super().__init__(
+            message, status=status, body=body, request_id=request_id, headers=headers
+        )
         self.retry_after = retry_after
 
 
@@ -155,7 +168,22 @@ class APITimeoutError(TransientError):
 
 
 class MalformedResponseError(TransientError):
-    """Raised on a 2xx response whose body is not valid JSON or has no choices."""
+    """Raised on a 2xx response whose body is not valid JSON or has no choices.
+
+    ``data`` is the parsed body when it was JSON, so its usage can still be
+    counted: the server may have billed it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: str | None = None,
+        data: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(message, status=status, body=body)
+        self.data = data
 
 
 class PermanentError(APIError):
@@ -164,3 +192,10 @@ class PermanentError(APIError):
 
 class FatalAPIError(APIError):
     """Raised on 401/403 or a 404 for the endpoint or model: the whole run aborts."""
+
+
+class CircuitBreakerError(FatalAPIError):
+    """Raised when many rows in a row fail with the same permanent error.
+
+    A wrong model name or parameter would otherwise burn through every row.
+    """

@@ -6,6 +6,8 @@ are ``InputError``s that name the field; the caller adds the file and line.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,9 +20,16 @@ from .config import Endpoint, RequestOptions
 from .errors import ConfigError, InputError
 from .records import JSONObject, PromptRecord
 
-__all__ = ["BATCH_FIELDS", "RequestBuilder", "endpoint_from_url", "is_batch_row"]
+__all__ = [
+    "BATCH_FIELDS",
+    "RequestBuilder",
+    "TokenEstimator",
+    "endpoint_from_url",
+    "is_batch_row",
+]
 
 BATCH_FIELDS = ("custom_id", "body")
+_UNDEFINED = re.compile(r"'([^']+)' is undefined")
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 
 
@@ -157,9 +166,16 @@ class RequestBuilder:
             try:
                 text = self._template.render(row)
             except jinja2.UndefinedError as exc:
-                raise InputError(f"template: {exc.message}") from exc
-            except jinja2.TemplateError as exc:
-                raise InputError(f"template failed: {exc}") from exc
+                name = _UNDEFINED.match(exc.message or "")
+                raise InputError(
+                    f"template: {exc.message}", field=name.group(1) if name else None
+                ) from exc
+            except Exception as exc:
+                # The template is user code: whatever it raises (TypeError,
+                # ZeroDivisionError, a sandbox refusal) is this row's failure.
+                raise InputError(
+                    f"template failed: {type(exc).__name__}: {exc}"
+                ) from exc
             if opts.endpoint == "chat":
                 return self._chat(row, row_id, [{"role": "user", "content": text}])
             return self._completion(row, row_id, text)
@@ -247,3 +263,62 @@ class RequestBuilder:
                 raise InputError("must be a string", field="body.prompt")
             text = prompt
         return PromptRecord(row_id, endpoint, body, text, self._extra(row))
+
+
+# Before any usage is seen: English text runs about four characters a token.
+DEFAULT_CHARS_PER_TOKEN = 4.0
+DEFAULT_COMPLETION_TOKENS = 256
+
+
+class TokenEstimator:
+    """Estimates a request's prompt and completion tokens, offline.
+
+    Prompt tokens come from the text length and a characters-per-token ratio
+    learned from the usage the server reports; completion tokens are
+    ``max_tokens * n`` when given, else the running mean seen so far.
+    """
+
+    __slots__ = ("_chars", "_completion", "_replies", "_tokens")
+
+    def __init__(self) -> None:
+        self._chars = 0
+        self._tokens = 0
+        self._completion = 0
+        self._replies = 0
+
+    @property
+    def chars_per_token(self) -> float:
+        """The learned ratio (the default until usage has been seen)."""
+        if self._tokens < 100:
+            return DEFAULT_CHARS_PER_TOKEN
+        return self._chars / self._tokens
+
+    def prompt_tokens(self, record: PromptRecord) -> int:
+        """Estimated prompt tokens."""
+        return max(1, math.ceil(len(record.prompt) / self.chars_per_token))
+
+    def completion_tokens(self, record: PromptRecord) -> int:
+        """Reserved completion tokens."""
+        body = record.body
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        n = body.get("n", 1)
+        n = n if isinstance(n, int) and n > 0 else 1
+        if isinstance(limit, int) and limit > 0:
+            return limit * n
+        if self._replies:
+            return math.ceil(self._completion / self._replies)
+        return DEFAULT_COMPLETION_TOKENS * n
+
+    def observe(
+        self,
+        record: PromptRecord,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        """Learn from one response's reported usage."""
+        if prompt_tokens:
+            self._chars += len(record.prompt)
+            self._tokens += prompt_tokens
+        if completion_tokens is not None:
+            self._completion += completion_tokens
+            self._replies += 1

@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import Endpoint
 
-__all__ = ["JSONObject", "PromptRecord", "Result", "Usage"]
+__all__ = ["AttemptLog", "JSONObject", "PromptRecord", "Result", "Usage"]
 
 JSONObject = dict[str, Any]
 
@@ -67,6 +67,29 @@ class PromptRecord:
         return str(self.body.get("model", ""))
 
 
+@dataclass(slots=True)
+class AttemptLog:
+    """What happened across one row's attempts, beyond its final outcome.
+
+    ``billed_*`` count the usage of every response the server reported,
+    including ones that were discarded and retried.
+    """
+
+    attempts: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    timeouts: int = 0
+    connection_errors: int = 0
+    malformed: int = 0
+    billed_prompt_tokens: int = 0
+    billed_completion_tokens: int = 0
+
+    def bill(self, usage: Usage) -> None:
+        """Count a response's reported usage."""
+        self.billed_prompt_tokens += usage.prompt_tokens or 0
+        self.billed_completion_tokens += usage.completion_tokens or 0
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """The outcome of one record: a row of the results table."""
@@ -88,6 +111,7 @@ class Result:
     started_at: float
     finished_at: float
     extra: JSONObject | None = None
+    log: AttemptLog | None = None
 
     @property
     def ok(self) -> bool:

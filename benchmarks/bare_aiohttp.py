@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -28,8 +29,11 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--model", default="mock-model")
     args = parser.parse_args()
-    with open(args.input, "rb") as handle:
-        prompts = [orjson.loads(line)["prompt"] for line in handle if line.strip()]
+    prompts = [
+        orjson.loads(line)["prompt"]
+        for line in Path(args.input).read_bytes().splitlines()
+        if line.strip()
+    ]
     url = args.base_url.rstrip("/") + "/completions"
     rows = iter(prompts)
     done = 0
@@ -40,7 +44,9 @@ async def main() -> None:
         for prompt in rows:
             if not first:
                 first.append(time.perf_counter())
-            body = orjson.dumps({"model": args.model, "prompt": prompt, "max_tokens": 16})
+            body = orjson.dumps(
+                {"model": args.model, "prompt": prompt, "max_tokens": 16}
+            )
             async with session.post(
                 url, data=body, headers={"Content-Type": "application/json"}
             ) as response:
@@ -54,7 +60,11 @@ async def main() -> None:
         await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
         wall = time.perf_counter() - start
     json.dump(
-        {"rows": done, "wall_s": wall, "first_request_s": first[0] - T0 if first else None},
+        {
+            "rows": done,
+            "wall_s": wall,
+            "first_request_s": first[0] - T0 if first else None,
+        },
         sys.stdout,
     )
     sys.stdout.write("\n")

@@ -40,13 +40,23 @@ def pinned(core: int, argv: list[str]) -> list[str]:
 
 
 def start_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "batchrun", "serve-mock", "--port", str(port),
-            "--latency-ms", str(latency_ms)]
+    argv = [
+        sys.executable,
+        "-m",
+        "batchrun",
+        "serve-mock",
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+    ]
     proc = subprocess.Popen(pinned(1, argv), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1):
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/v1/models", timeout=1
+            ):
                 return proc
         except OSError:
             time.sleep(0.1)
@@ -57,14 +67,18 @@ def start_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
 def measure(argv: list[str]) -> dict[str, float]:
     """Run a client; return wall seconds, CPU seconds and peak RSS (MB)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(pinned(0, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        pinned(0, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     out = proc.stdout.read() if proc.stdout else b""
     err = proc.stderr.read() if proc.stderr else b""
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"{argv[:4]} failed ({proc.returncode}): {err.decode()[-500:]}")
+        raise SystemExit(
+            f"{argv[:4]} failed ({proc.returncode}): {err.decode()[-500:]}"
+        )
     _ = out
     return {
         "wall_s": wall,
@@ -86,14 +100,37 @@ def main() -> None:
     inp = work / "in.jsonl"
     with inp.open("w") as handle:
         for i in range(args.rows):
-            handle.write(json.dumps({"id": f"r{i}", "prompt": f"Benchmark prompt {i}:"}) + "\n")
+            handle.write(
+                json.dumps({"id": f"r{i}", "prompt": f"Benchmark prompt {i}:"}) + "\n"
+            )
     clients = {
-        "bare aiohttp": lambda n: [sys.executable, str(HERE / "bare_aiohttp.py"), str(inp),
-                                   "--base-url", base, "--concurrency", str(args.concurrency)],
-        "batchrun": lambda n: [sys.executable, "-m", "batchrun", "run", str(inp),
-                               "-o", str(work / f"out{n}"), "--base-url", base,
-                               "--model", "mock-model", "--max-tokens", "16", "--quiet",
-                               "--concurrency", str(args.concurrency)],
+        "bare aiohttp": lambda n: [
+            sys.executable,
+            str(HERE / "bare_aiohttp.py"),
+            str(inp),
+            "--base-url",
+            base,
+            "--concurrency",
+            str(args.concurrency),
+        ],
+        "batchrun": lambda n: [
+            sys.executable,
+            "-m",
+            "batchrun",
+            "run",
+            str(inp),
+            "-o",
+            str(work / f"out{n}"),
+            "--base-url",
+            base,
+            "--model",
+            "mock-model",
+            "--max-tokens",
+            "16",
+            "--quiet",
+            "--concurrency",
+            str(args.concurrency),
+        ],
     }
     server = start_server(port, args.latency_ms)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in clients}
@@ -106,8 +143,10 @@ def main() -> None:
         server.terminate()
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.rows} rows, concurrency {args.concurrency}, latency {args.latency_ms:g} ms,"
-          f" {args.rounds} rounds (medians)")
+    print(
+        f"{args.rows} rows, concurrency {args.concurrency},"
+        f" latency {args.latency_ms:g} ms, {args.rounds} rounds (medians)"
+    )
     print(f"{'client':<14} {'req/s':>8} {'CPU s/1k req':>13} {'peak RSS MB':>12}")
     summary = {}
     for name, runs in results.items():
@@ -117,8 +156,10 @@ def main() -> None:
         summary[name] = (rps, cpu)
         print(f"{name:<14} {rps:>8.0f} {cpu:>13.3f} {rss:>12.0f}")
     bare, ours = summary["bare aiohttp"], summary["batchrun"]
-    print(f"batchrun/bare throughput ratio: {ours[0] / bare[0]:.2f}; "
-          f"CPU per request ratio: {ours[1] / bare[1]:.2f}")
+    print(
+        f"batchrun/bare throughput ratio: {ours[0] / bare[0]:.2f}; "
+        f"CPU per request ratio: {ours[1] / bare[1]:.2f}"
+    )
 
 
 if __name__ == "__main__":

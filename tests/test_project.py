@@ -12,11 +12,15 @@ def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"```bash\n(.*?)```", text, re.S)
     assert block is not None
-    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+    return [
+        line
+        for line in block.group(1).splitlines()
+        if line and not line.startswith("#")
+    ]
 
 
 def test_readme_opens_with_two_setup_commands() -> None:
-    """The README's first code block holds exactly the install-and-run and test commands."""
+    """The README's first code block holds the install-and-run and test commands."""
     install, test = _readme_commands()
     assert "pip install ." in install
     assert "batchrun run samples/prompts.jsonl" in install

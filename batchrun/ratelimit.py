@@ -1,0 +1,308 @@
+"""Client-side rate limits and adaptive concurrency.
+
+Two mechanisms, both waiting by computing a wake-up time (never polling):
+
+* ``RateLimiter`` paces requests inside per-minute budgets (requests, total
+  tokens, prompt tokens, completion tokens). Each budget is a GCRA pacer: a
+  request of cost ``c`` is admitted while the backlog ``tat - now`` is at most
+  ``burst_s``, and then moves the theoretical arrival time
+  ``tat = max(tat, now) + c / rate``. Reservations are estimates; ``settle``
+  gives back what the server's reported usage shows was not used. A 429 pauses
+  every worker once, until its ``Retry-After``. Budgets follow the server's
+  ``x-ratelimit-limit-*`` headers; user limits stay the ceiling.
+* ``ConcurrencyLimit`` caps requests in flight and adapts it: slow start
+  (+1 per success, doubling per round trip), then additive increase (+1 per
+  ``limit`` successes); a 429 halves it, a 5xx overload cuts it by a fifth and
+  holds growth for a while.
+
+No HTTP and no tenacity here; the runner feeds outcomes in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import anyio
+
+from .config import RateLimits
+
+__all__ = [
+    "BUDGETS",
+    "ConcurrencyLimit",
+    "Cost",
+    "Pacer",
+    "RateLimiter",
+    "limits_from_headers",
+]
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+BUDGETS = ("rpm", "tpm", "prompt_tpm", "completion_tpm")
+# Pace a little under the limit: the server's bucket must never run dry from
+# timing jitter alone (at 99 % it refills by 1 % of its rate while we send).
+SAFETY = 0.99
+DEFAULT_BURST_S = 0.25
+_DECREASE_GAP_S = 1.0
+_OVERLOAD_HOLD_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What one request will use of each budget (token counts are estimates)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def amount(self, budget: str) -> int:
+        """The cost against ``budget`` (one of ``BUDGETS``)."""
+        if budget == "rpm":
+            return 1
+        if budget == "prompt_tpm":
+            return self.prompt_tokens
+        if budget == "completion_tpm":
+            return self.completion_tokens
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Pacer:
+    """A GCRA pacer for ``per_minute`` units, allowing ``burst_s`` of backlog."""
+
+    __slots__ = ("burst_s", "per_minute", "rate", "tat")
+
+    def __init__(self, per_minute: float, *, burst_s: float = DEFAULT_BURST_S) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute * SAFETY / 60.0
+        self.burst_s = burst_s
+        self.tat = -math.inf
+
+    def delay(self, now: float) -> float:
+        """Seconds until a request may be admitted (0 when it may go now)."""
+        return max(0.0, self.tat - self.burst_s - now)
+
+    def take(self, amount: float, now: float) -> None:
+        """Admit a request of ``amount`` units."""
+        self.tat = max(self.tat, now) + amount / self.rate
+
+    def give_back(self, amount: float) -> None:
+        """Return units that were reserved but not used."""
+        self.tat -= amount / self.rate
+
+    def set_limit(self, per_minute: float) -> None:
+        """Change the rate, keeping the backlog's length in units."""
+        self.per_minute = per_minute
+        self.rate = per_minute * SAFETY / 60.0
+
+
+def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def limits_from_headers(headers: Mapping[str, str]) -> dict[str, float]:
+    """Per-minute limits announced by the server (OpenAI and Fireworks styles)."""
+    found: dict[str, float] = {}
+    for budget, name in (
+        ("rpm", "x-ratelimit-limit-requests"),
+        ("tpm", "x-ratelimit-limit-tokens"),
+        ("prompt_tpm", "x-ratelimit-limit-tokens-prompt"),
+        ("completion_tpm", "x-ratelimit-limit-tokens-generated"),
+    ):
+        value = _header_number(headers, name)
+        if value is not None:
+            found[budget] = value
+    return found
+
+
+class RateLimiter:
+    """Admits requests inside the per-minute budgets, FIFO.
+
+    Args:
+        limits: User limits; also the ceiling for limits learned from headers.
+        clock: Monotonic seconds.
+        sleep: Awaitable sleep (injected in tests).
+        burst_s: How far ahead of the steady pace a burst may run.
+    """
+
+    def __init__(
+        self,
+        limits: RateLimits,
+        *,
+        clock: Clock,
+        sleep: Sleep,
+        burst_s: float = DEFAULT_BURST_S,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._burst_s = burst_s
+        self._ceilings: dict[str, float] = {
+            name: value
+            for name in BUDGETS
+            if (value := getattr(limits, name)) is not None
+        }
+        self._pacers: dict[str, Pacer] = {
+            name: Pacer(value, burst_s=burst_s)
+            for name, value in self._ceilings.items()
+        }
+        self._lock = anyio.Lock()
+        self.paused_until = -math.inf
+        self.rate_limited = 0
+
+    def limits(self) -> dict[str, float]:
+        """The per-minute limits in force now."""
+        return {name: pacer.per_minute for name, pacer in self._pacers.items()}
+
+    def too_big(self, cost: Cost) -> str | None:
+        """Why ``cost`` can never fit (it exceeds a whole minute's budget), or None."""
+        for name, pacer in self._pacers.items():
+            amount = cost.amount(name)
+            if amount > pacer.per_minute:
+                return (
+                    f"the request needs about {amount} tokens, more than the whole"
+                    f" {name} budget of {pacer.per_minute:g} per minute"
+                )
+        return None
+
+    def waiting(self) -> float:
+        """Seconds left in a rate-limit pause (0 when not paused)."""
+        return max(0.0, self.paused_until - self._clock())
+
+    async def acquire(self, cost: Cost) -> None:
+        """Wait until ``cost`` fits every budget and no pause is on, then take it."""
+        if not self._pacers and self.paused_until <= self._clock():
+            return
+        async with self._lock:
+            while True:
+                now = self._clock()
+                wait = self.paused_until - now
+                for pacer in self._pacers.values():
+                    wait = max(wait, pacer.delay(now))
+                if wait <= 0:
+                    break
+                # Sleep to the computed moment; loop only if a pause or a lower
+                # limit arrived meanwhile.
+                await self._sleep(wait)
+            for name, pacer in self._pacers.items():
+                pacer.take(cost.amount(name), now)
+
+    def settle(
+        self, reserved: Cost, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
+        """Reconcile a reservation with the usage the server reported."""
+        if not self._pacers:
+            return
+        actual = Cost(
+            reserved.prompt_tokens if prompt_tokens is None else prompt_tokens,
+            reserved.completion_tokens
+            if completion_tokens is None
+            else completion_tokens,
+        )
+        for name, pacer in self._pacers.items():
+            if name != "rpm":
+                pacer.give_back(reserved.amount(name) - actual.amount(name))
+
+    def pause(self, seconds: float) -> None:
+        """Hold every new request for ``seconds`` (a 429's Retry-After)."""
+        self.rate_limited += 1
+        self.paused_until = max(self.paused_until, self._clock() + seconds)
+
+    def follow(self, headers: Mapping[str, str]) -> None:
+        """Adopt the limits the server announces, never above the user's own."""
+        for name, value in limits_from_headers(headers).items():
+            ceiling = self._ceilings.get(name)
+            if ceiling is not None:
+                value = min(value, ceiling)
+            pacer = self._pacers.get(name)
+            if pacer is None:
+                self._pacers[name] = Pacer(value, burst_s=self._burst_s)
+            elif pacer.per_minute != value:
+                pacer.set_limit(value)
+
+
+class ConcurrencyLimit:
+    """An adaptive cap on requests in flight (AIMD with slow start).
+
+    Args:
+        maximum: The user's ``--concurrency``; the limit never exceeds it.
+        initial: Where slow start begins.
+        clock: Monotonic seconds.
+    """
+
+    def __init__(self, maximum: int, *, initial: int = 8, clock: Clock) -> None:
+        self.maximum = maximum
+        self.limit = max(1, min(initial, maximum))
+        self.in_flight = 0
+        self._clock = clock
+        self._threshold = maximum
+        self._successes = 0
+        self._hold_until = -math.inf
+        self._next_decrease = -math.inf
+        self._waiters: deque[anyio.Event] = deque()
+
+    async def acquire(self) -> None:
+        """Wait for a free slot (FIFO)."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # granted just as we were cancelled
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        """Free a slot."""
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            self.in_flight += 1
+            self._waiters.popleft().set()
+
+    def on_success(self) -> None:
+        """Grow: +1 per success below the threshold, else +1 per window."""
+        if self.limit >= self.maximum or self._clock() < self._hold_until:
+            return
+        if self.limit < self._threshold:
+            self.limit += 1
+        else:
+            self._successes += 1
+            if self._successes >= self.limit:
+                self._successes = 0
+                self.limit += 1
+        self._wake()
+
+    def on_rate_limited(self) -> None:
+        """Halve, at most once per second (one burst of 429s is one event)."""
+        now = self._clock()
+        if now < self._next_decrease:
+            return
+        self._next_decrease = now + _DECREASE_GAP_S
+        self.limit = max(1, self.limit // 2)
+        self._threshold = self.limit
+        self._successes = 0
+
+    def on_overload(self) -> None:
+        """Back off gently on 5xx and hold growth for a few seconds."""
+        now = self._clock()
+        self._hold_until = now + _OVERLOAD_HOLD_S
+        if now < self._next_decrease:
+            return
+        self._next_decrease = now + _DECREASE_GAP_S
+        self.limit = max(1, math.ceil(self.limit * 0.8))
+        self._threshold = min(self._threshold, self.limit)

@@ -1,0 +1,284 @@
+"""Tests for ``batchrun.client``: Retry-After parsing and HTTP error mapping.
+
+The error mapping is exercised against the real simulator over a socket, with
+scripted responses; nothing in aiohttp is mocked.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import socket
+
+import pytest
+
+from batchrun.client import APIClient, Reply, parse_retry_after
+from batchrun.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    FatalAPIError,
+    MalformedResponseError,
+    PermanentError,
+    RateLimitError,
+    ServerError,
+    TransientError,
+)
+from batchrun.simulator import ScriptedResponse, SimulatorHandle
+
+from .helpers import SimFactory
+
+BODY = {"model": "m", "prompt": "x"}
+SECRET = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+async def _post_error(
+    sim: SimulatorHandle,
+    response: ScriptedResponse,
+    *,
+    api_key: str | None = None,
+    timeout_s: float = 5.0,
+) -> APIError:
+    """Script one response, post once, and return the error it raised."""
+    sim.state.enqueue(response)
+    async with APIClient(
+        sim.base_url, api_key=api_key, timeout_s=timeout_s, concurrency=4
+    ) as client:
+        with pytest.raises(APIError) as info:
+            await client.post("completions", BODY)
+    return info.value
+
+
+# --- parse_retry_after --------------------------------------------------------
+
+
+def test_retry_after_ms_wins() -> None:
+    """retry-after-ms is used, in seconds, before Retry-After."""
+    headers = {"retry-after-ms": "1500", "retry-after": "30"}
+    assert parse_retry_after(headers) == 1.5
+
+
+def test_retry_after_seconds() -> None:
+    """Retry-After in seconds is returned as a float."""
+    assert parse_retry_after({"retry-after": "7"}) == 7.0
+    assert parse_retry_after({"retry-after": "0.25"}) == 0.25
+
+
+def test_retry_after_bad_ms_falls_back_to_seconds() -> None:
+    """An unparseable retry-after-ms falls back to Retry-After."""
+    assert parse_retry_after({"retry-after-ms": "soon", "retry-after": "3"}) == 3.0
+
+
+def test_retry_after_http_date() -> None:
+    """An HTTP-date Retry-After is the difference to ``now``."""
+    now = 1_700_000_000.0
+    date = email.utils.formatdate(now + 42, usegmt=True)
+    assert parse_retry_after({"retry-after": date}, now=now) == pytest.approx(42.0)
+
+
+def test_retry_after_past_http_date_is_zero() -> None:
+    """An HTTP date in the past gives 0, not a negative wait."""
+    now = 1_700_000_000.0
+    date = email.utils.formatdate(now - 100, usegmt=True)
+    assert parse_retry_after({"retry-after": date}, now=now) == 0.0
+
+
+@pytest.mark.parametrize("value", ["soon", "", "Mon, 99 Foo 2020"])
+def test_retry_after_garbage_is_none(value: str) -> None:
+    """An unparseable Retry-After gives None."""
+    assert parse_retry_after({"retry-after": value}) is None
+
+
+def test_retry_after_absent_is_none() -> None:
+    """No header gives None."""
+    assert parse_retry_after({}) is None
+
+
+def test_retry_after_negative_is_zero() -> None:
+    """Negative values are clamped to 0."""
+    assert parse_retry_after({"retry-after": "-5"}) == 0.0
+    assert parse_retry_after({"retry-after-ms": "-100"}) == 0.0
+
+
+# --- responses over a socket --------------------------------------------------
+
+
+async def test_ok_reply(sim: SimulatorHandle) -> None:
+    """A 200 answer is a Reply with choices, raw body and headers."""
+    async with APIClient(
+        sim.base_url, api_key=None, timeout_s=5, concurrency=4
+    ) as client:
+        reply = await client.post("completions", BODY)
+        chat = await client.post(
+            "chat", {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+        )
+    assert isinstance(reply, Reply)
+    assert reply.status == 200
+    assert isinstance(reply.data["choices"], list)
+    assert reply.data["choices"][0]["text"]
+    assert reply.raw.startswith(b"{")
+    assert reply.headers["x-request-id"].startswith("req_")
+    assert chat.data["choices"][0]["message"]["role"] == "assistant"
+    assert sim.state.snapshot()["requests"] == 2
+
+
+async def test_post_outside_context_manager(sim: SimulatorHandle) -> None:
+    """post() before entering the client is a RuntimeError."""
+    client = APIClient(sim.base_url, api_key=None, timeout_s=5, concurrency=1)
+    with pytest.raises(RuntimeError, match="async with"):
+        await client.post("completions", BODY)
+
+
+async def test_rate_limit_retry_after(sim: SimulatorHandle) -> None:
+    """A 429 with retry-after-ms is a RateLimitError carrying the wait."""
+    error = await _post_error(
+        sim,
+        ScriptedResponse(
+            status=429, headers={"retry-after-ms": "2500", "x-request-id": "req-9"}
+        ),
+    )
+    assert isinstance(error, RateLimitError)
+    assert error.status == 429
+    assert error.retry_after == 2.5
+    assert error.request_id == "req-9"
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 409, 425])
+async def test_server_errors(sim: SimulatorHandle, status: int) -> None:
+    """5xx, 408, 409 and 425 are transient ServerErrors with the status."""
+    error = await _post_error(sim, ScriptedResponse(status=status))
+    assert isinstance(error, ServerError)
+    assert isinstance(error, TransientError)
+    assert error.status == status
+    assert f"HTTP {status}" in str(error)
+
+
+async def test_server_error_retry_after(sim: SimulatorHandle) -> None:
+    """A 503 with Retry-After carries the wait on the ServerError."""
+    error = await _post_error(
+        sim, ScriptedResponse(status=503, headers={"retry-after": "4"})
+    )
+    assert isinstance(error, ServerError)
+    assert error.retry_after == 4.0
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_permanent_errors(sim: SimulatorHandle, status: int) -> None:
+    """Other 4xx are PermanentErrors with the status and the server's message."""
+    body = {"error": {"message": "the prompt is too long", "type": "invalid"}}
+    error = await _post_error(sim, ScriptedResponse(status=status, body=body))
+    assert isinstance(error, PermanentError)
+    assert not isinstance(error, TransientError)
+    assert error.status == status
+    assert str(error) == f"HTTP {status}: the prompt is too long"
+    assert error.body is not None
+    assert "too long" in error.body
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_fatal_errors(sim: SimulatorHandle, status: int) -> None:
+    """401, 403 and 404 are FatalAPIErrors, never PermanentErrors."""
+    error = await _post_error(sim, ScriptedResponse(status=status))
+    assert isinstance(error, FatalAPIError)
+    assert not isinstance(error, PermanentError)
+    assert not isinstance(error, TransientError)
+    assert error.status == status
+
+
+async def test_dropped_connection(sim: SimulatorHandle) -> None:
+    """A connection dropped mid-body is an APIConnectionError."""
+    error = await _post_error(sim, ScriptedResponse(action="drop"))
+    assert isinstance(error, APIConnectionError)
+    assert error.status is None
+
+
+async def test_malformed_body(sim: SimulatorHandle) -> None:
+    """A 200 whose body is truncated JSON is a MalformedResponseError."""
+    error = await _post_error(sim, ScriptedResponse(action="malformed"))
+    assert isinstance(error, MalformedResponseError)
+    assert isinstance(error, TransientError)
+    assert error.status == 200
+
+
+async def test_ok_without_choices(sim: SimulatorHandle) -> None:
+    """A 200 with valid JSON but no choices is a MalformedResponseError."""
+    error = await _post_error(sim, ScriptedResponse(body={"foo": 1}))
+    assert isinstance(error, MalformedResponseError)
+    assert "without choices" in str(error)
+    assert error.body == '{"foo":1}'
+
+
+async def test_timeout(sim: SimulatorHandle) -> None:
+    """No answer within timeout_s is an APITimeoutError."""
+    error = await _post_error(sim, ScriptedResponse(delay_ms=500), timeout_s=0.05)
+    assert isinstance(error, APITimeoutError)
+    assert isinstance(error, TransientError)
+    assert "0.05" in str(error)
+
+
+async def test_connection_refused() -> None:
+    """A closed port is an APIConnectionError."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with APIClient(
+        f"http://127.0.0.1:{port}/v1", api_key=None, timeout_s=5, concurrency=1
+    ) as client:
+        with pytest.raises(APIConnectionError) as info:
+            await client.post("completions", BODY)
+    assert info.value.status is None
+
+
+async def test_api_key_is_sent(sim_factory: SimFactory) -> None:
+    """The key is sent as a bearer token; a wrong one gives a FatalAPIError."""
+    sim = sim_factory(api_key=SECRET)
+    async with APIClient(
+        sim.base_url, api_key=SECRET, timeout_s=5, concurrency=1
+    ) as client:
+        assert (await client.post("completions", BODY)).status == 200
+    async with APIClient(
+        sim.base_url, api_key="wrong", timeout_s=5, concurrency=1
+    ) as client:
+        with pytest.raises(FatalAPIError) as info:
+            await client.post("completions", BODY)
+    assert info.value.status == 401
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+async def test_echoed_api_key_is_scrubbed(sim: SimulatorHandle, status: int) -> None:
+    """A key echoed by the server in an error body is not in the exception."""
+    body = {"error": {"message": f"Incorrect API key provided: {SECRET}"}}
+    error = await _post_error(
+        sim, ScriptedResponse(status=status, body=body), api_key=SECRET
+    )
+    assert error.status == status
+    assert SECRET not in str(error)
+    assert SECRET not in (error.body or "")
+    assert "***" in str(error)
+
+
+async def test_echoed_api_key_in_plain_text_body_is_scrubbed(
+    sim: SimulatorHandle,
+) -> None:
+    """A key echoed in a non-JSON error body is not in the exception."""
+    body = f"Bad header: Authorization: Bearer {SECRET}"
+    error = await _post_error(
+        sim, ScriptedResponse(status=400, body=body), api_key=SECRET
+    )
+    assert isinstance(error, PermanentError)
+    assert SECRET not in str(error)
+    assert SECRET not in (error.body or "")
+
+
+async def test_echoed_api_key_cut_by_body_limit_does_not_leak(
+    sim: SimulatorHandle,
+) -> None:
+    """A key straddling the body-snippet cut does not leak a prefix of itself."""
+    # The key starts 40 bytes before the 1200-byte read limit of the snippet, so
+    # only its first 40 characters are read; the whitespace before it collapses.
+    body = " " * 1160 + SECRET
+    error = await _post_error(
+        sim, ScriptedResponse(status=400, body=body), api_key=SECRET
+    )
+    leaked = SECRET[:16]
+    assert leaked not in str(error), f"key prefix leaked in message: {error}"
+    assert leaked not in (error.body or ""), f"key prefix leaked in body: {error.body}"

@@ -1,0 +1,297 @@
+"""Tests for ``batchrun.sources``: input discovery, batched reading, id sets."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.errors import InputError
+from batchrun.sources import IdSet, RowBatch, count_rows, expand_inputs, iter_batches
+
+from .helpers import write_jsonl, write_parquet
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "prompt": f"p{i}", "n": i} for i in range(n)]
+
+
+def _all(batches: list[RowBatch]) -> tuple[list[dict[str, Any]], list[int]]:
+    rows = [row for batch in batches for row in batch.rows]
+    numbers = [number for batch in batches for number in batch.numbers]
+    return rows, numbers
+
+
+# --- expand_inputs ------------------------------------------------------------
+
+
+def test_expand_inputs_missing_path(tmp_path: Path) -> None:
+    """A path that does not exist is an InputError naming it."""
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(InputError, match="no such file") as info:
+        expand_inputs([missing])
+    assert info.value.path == str(missing)
+
+
+def test_expand_inputs_unknown_suffix(tmp_path: Path) -> None:
+    """A file of an unknown format is an InputError naming it."""
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n")
+    with pytest.raises(InputError, match="unknown input format") as info:
+        expand_inputs([path])
+    assert info.value.path == str(path)
+
+
+def test_expand_inputs_dir_without_parquet(tmp_path: Path) -> None:
+    """A directory with no .parquet file is an InputError naming it."""
+    write_jsonl(tmp_path / "a.jsonl", _rows(1))
+    with pytest.raises(InputError, match=r"no \.parquet files") as info:
+        expand_inputs([tmp_path])
+    assert info.value.path == str(tmp_path)
+
+
+def test_expand_inputs_dir_is_sorted_parquet_only(tmp_path: Path) -> None:
+    """A directory expands to its .parquet files in sorted order, nothing else."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("c.parquet", "a.parquet", "b.parquet"):
+        write_parquet(parts / name, _rows(1))
+    write_jsonl(parts / "notes.jsonl", _rows(1))
+    assert expand_inputs([parts]) == [
+        parts / "a.parquet",
+        parts / "b.parquet",
+        parts / "c.parquet",
+    ]
+
+
+def test_expand_inputs_keeps_argument_order(tmp_path: Path) -> None:
+    """Files come out in the order given, each accepted suffix included."""
+    names = ["z.jsonl", "a.json", "m.jsonl.gz", "b.parquet"]
+    paths = [tmp_path / name for name in names]
+    for path in paths:
+        path.write_bytes(b"")
+    assert expand_inputs(paths) == paths
+
+
+# --- JSONL --------------------------------------------------------------------
+
+
+def test_jsonl_batch_sizes(tmp_path: Path) -> None:
+    """JSONL rows come in batches of batch_rows, the last one partial."""
+    path = write_jsonl(tmp_path / "in.jsonl", _rows(7))
+    batches = list(iter_batches([path], batch_rows=3))
+    assert [len(b.rows) for b in batches] == [3, 3, 1]
+    assert {b.kind for b in batches} == {"line"}
+    assert {b.path for b in batches} == {str(path)}
+    rows, numbers = _all(batches)
+    assert rows == _rows(7)
+    assert numbers == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_jsonl_blank_lines_skipped_and_numbered(tmp_path: Path) -> None:
+    """Blank lines yield no rows; numbers stay the 1-based physical line numbers."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n\n   \n{"a": 2}\n\n{"a": 3}\n')
+    rows, numbers = _all(list(iter_batches([path], batch_rows=2)))
+    assert rows == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert numbers == [1, 4, 6]
+
+
+def test_jsonl_non_object_line(tmp_path: Path) -> None:
+    """A line that is valid JSON but not an object is an InputError with its line."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n\n[1, 2]\n')
+    with pytest.raises(InputError, match="expected a JSON object") as info:
+        list(iter_batches([path]))
+    assert info.value.line == 3
+    assert info.value.path == str(path)
+
+
+def test_jsonl_malformed_line(tmp_path: Path) -> None:
+    """Malformed JSON is an InputError carrying the path and 1-based line."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n\n{"a": \n{"a": 4}\n')
+    with pytest.raises(InputError, match="malformed JSON") as info:
+        list(iter_batches([path]))
+    assert info.value.path == str(path)
+    assert info.value.line == 4
+    assert f"{path}:4" in str(info.value)
+
+
+def test_jsonl_gzip(tmp_path: Path) -> None:
+    """A .jsonl.gz file is decompressed transparently."""
+    path = tmp_path / "in.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write('{"id": "x"}\n\n{"id": "y"}\n')
+    rows, numbers = _all(list(iter_batches([path])))
+    assert rows == [{"id": "x"}, {"id": "y"}]
+    assert numbers == [1, 3]
+
+
+def test_jsonl_truncated_gzip(tmp_path: Path) -> None:
+    """A truncated gzip file is an InputError naming the file."""
+    path = tmp_path / "in.jsonl.gz"
+    data = gzip.compress(b"".join(b'{"id": %d}\n' % i for i in range(1000)))
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cannot read") as info:
+        list(iter_batches([path]))
+    assert info.value.path == str(path)
+
+
+def test_jsonl_columns_ignored(tmp_path: Path) -> None:
+    """columns= does not filter JSONL rows, which are read whole."""
+    path = write_jsonl(tmp_path / "in.jsonl", _rows(2))
+    rows, _ = _all(list(iter_batches([path], columns={"id"})))
+    assert rows == _rows(2)
+
+
+def test_several_files_in_order(tmp_path: Path) -> None:
+    """Files are read one after another; numbers restart in each file."""
+    first = write_jsonl(tmp_path / "a.jsonl", _rows(2))
+    second = write_parquet(tmp_path / "b.parquet", _rows(3))
+    batches = list(iter_batches([first, second], batch_rows=10))
+    assert [(b.path, b.kind, list(b.numbers)) for b in batches] == [
+        (str(first), "line", [1, 2]),
+        (str(second), "row", [1, 2, 3]),
+    ]
+
+
+# --- Parquet ------------------------------------------------------------------
+
+
+def test_parquet_row_numbers_across_batches(tmp_path: Path) -> None:
+    """Parquet rows are numbered from 1, continuing across batches."""
+    path = write_parquet(tmp_path / "in.parquet", _rows(10))
+    batches = list(iter_batches([path], batch_rows=4))
+    assert [len(b.rows) for b in batches] == [4, 4, 2]
+    assert {b.kind for b in batches} == {"row"}
+    rows, numbers = _all(batches)
+    assert rows == _rows(10)
+    assert numbers == list(range(1, 11))
+
+
+def test_parquet_several_row_groups(tmp_path: Path) -> None:
+    """Row numbers stay continuous across Parquet row groups."""
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(_rows(9)), path, row_group_size=2)
+    rows, numbers = _all(list(iter_batches([path], batch_rows=3)))
+    assert [row["id"] for row in rows] == [f"r{i}" for i in range(9)]
+    assert numbers == list(range(1, 10))
+
+
+def test_parquet_columns_restrict_read(tmp_path: Path) -> None:
+    """columns= reads only those columns and ignores names not in the file."""
+    path = write_parquet(tmp_path / "in.parquet", _rows(3))
+    batches = list(iter_batches([path], columns={"id", "prompt", "not_there"}))
+    rows, _ = _all(batches)
+    assert rows == [{"id": f"r{i}", "prompt": f"p{i}"} for i in range(3)]
+
+
+def test_parquet_columns_none_reads_all(tmp_path: Path) -> None:
+    """columns=None reads every column."""
+    path = write_parquet(tmp_path / "in.parquet", _rows(2))
+    rows, _ = _all(list(iter_batches([path], columns=None)))
+    assert rows == _rows(2)
+
+
+def test_parquet_corrupt_file(tmp_path: Path) -> None:
+    """A file that is not Parquet is an InputError naming it."""
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="cannot read Parquet") as info:
+        list(iter_batches([path]))
+    assert info.value.path == str(path)
+
+
+# --- count_rows ---------------------------------------------------------------
+
+
+def test_count_rows_parquet(tmp_path: Path) -> None:
+    """count_rows sums Parquet row counts from metadata."""
+    a = write_parquet(tmp_path / "a.parquet", _rows(3))
+    b = write_parquet(tmp_path / "b.parquet", _rows(5))
+    assert count_rows([a, b]) == 8
+    assert count_rows([]) == 0
+
+
+def test_count_rows_unknown_with_jsonl(tmp_path: Path) -> None:
+    """count_rows is None as soon as a JSONL file is among the inputs."""
+    a = write_parquet(tmp_path / "a.parquet", _rows(3))
+    b = write_jsonl(tmp_path / "b.jsonl", _rows(2))
+    assert count_rows([a, b]) is None
+
+
+def test_count_rows_corrupt_parquet(tmp_path: Path) -> None:
+    """count_rows on a corrupt Parquet file is an InputError."""
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"garbage")
+    with pytest.raises(InputError) as info:
+        count_rows([path])
+    assert info.value.path == str(path)
+
+
+# --- IdSet --------------------------------------------------------------------
+
+
+def test_idset_empty() -> None:
+    """An empty set has no duplicate and contains nothing."""
+    ids = IdSet()
+    assert len(ids) == 0
+    assert ids.first_duplicate() is None
+    assert ids.contains_each(["a", "b"]) == [False, False]
+    assert ids.contains_each([]) == []
+
+
+def test_idset_no_duplicate() -> None:
+    """Distinct ids have no first duplicate."""
+    ids = IdSet()
+    ids.add_many(["a", "b"])
+    ids.add_many(["c"])
+    assert len(ids) == 3
+    assert ids.first_duplicate() is None
+
+
+def test_idset_duplicate_across_calls() -> None:
+    """An id added in two separate calls is found as a duplicate."""
+    ids = IdSet()
+    ids.add_many(["a", "b"])
+    ids.add_many(["c", "b"])
+    assert ids.first_duplicate() == "b"
+
+
+def test_idset_contains_each() -> None:
+    """contains_each answers per id, in order."""
+    ids = IdSet()
+    ids.add_many(["x", "y"])
+    assert ids.contains_each(["y", "z", "x", "x"]) == [True, False, True, True]
+
+
+def test_idset_contains_sees_ids_added_later() -> None:
+    """Ids added after a query are seen by the next query."""
+    ids = IdSet()
+    ids.add_many(["a"])
+    assert ids.contains_each(["b"]) == [False]
+    ids.add_many(["b"])
+    assert ids.contains_each(["a", "b"]) == [True, True]
+
+
+def test_idset_spills_large_sets() -> None:
+    """More than 65536 ids spill to Arrow chunks and stay queryable."""
+    ids = IdSet()
+    first = [f"id-{i}" for i in range(70_000)]
+    ids.add_many(first)
+    ids.add_many([f"id-{i}" for i in range(70_000, 70_010)])
+    assert len(ids) == 70_010
+    assert ids.first_duplicate() is None
+    assert ids.contains_each(["id-0", "id-65535", "id-70009", "id-70010"]) == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    ids.add_many(["id-123"])
+    assert ids.first_duplicate() == "id-123"

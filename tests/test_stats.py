@@ -1,0 +1,297 @@
+"""Tests for ``batchrun.stats``: histogram, collector, progress displays."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from batchrun.config import Endpoint
+from batchrun.records import Result, Usage
+from batchrun.stats import (
+    LatencyHistogram,
+    LineProgress,
+    NullProgress,
+    RunStats,
+    StatsCollector,
+    TqdmProgress,
+    make_progress,
+)
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _result(
+    *,
+    model: str = "m",
+    endpoint: Endpoint = "completions",
+    status: str = "ok",
+    usage: Usage | None = None,
+    attempts: int = 1,
+    latency_s: float = 0.5,
+) -> Result:
+    return Result(
+        id="r",
+        status=status,
+        endpoint=endpoint,
+        model=model,
+        prompt="p",
+        completion="c" if status == "ok" else None,
+        choices=None,
+        finish_reason="stop" if status == "ok" else None,
+        usage=usage or Usage(),
+        response=None,
+        http_status=200 if status == "ok" else 400,
+        attempts=attempts,
+        latency_s=latency_s,
+        error=None if status == "ok" else "PermanentError: HTTP 400",
+        started_at=0.0,
+        finished_at=latency_s,
+    )
+
+
+def _exact(values: list[float], q: float) -> float:
+    """The same rank rule as the histogram, on the exact sorted values."""
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+# --- LatencyHistogram ---------------------------------------------------------
+
+
+def test_histogram_empty_is_none() -> None:
+    """An empty histogram has no quantiles."""
+    histogram = LatencyHistogram()
+    assert histogram.count == 0
+    assert histogram.quantile(0.5) is None
+    assert histogram.quantile(0.0) is None
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 0.99, 1.0])
+def test_histogram_uniform_quantiles(q: float) -> None:
+    """Quantiles of 0.01..10 s are within 1% of the exact ones."""
+    values = [i / 100 for i in range(1, 1001)]
+    histogram = LatencyHistogram()
+    for value in values:
+        histogram.add(value)
+    assert histogram.count == 1000
+    got = histogram.quantile(q)
+    assert got is not None
+    assert got == pytest.approx(_exact(values, q), rel=0.01)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99])
+def test_histogram_lognormal_quantiles(q: float) -> None:
+    """Quantiles of a skewed (log-normal) sample are within 1% of exact."""
+    rng = random.Random(1234)
+    values = [rng.lognormvariate(-1.0, 1.0) for _ in range(20_000)]
+    histogram = LatencyHistogram()
+    for value in values:
+        histogram.add(value)
+    got = histogram.quantile(q)
+    assert got is not None
+    assert got == pytest.approx(_exact(values, q), rel=0.01)
+
+
+def test_histogram_single_value() -> None:
+    """With one value every quantile is that value (within 1%)."""
+    histogram = LatencyHistogram()
+    histogram.add(2.0)
+    assert histogram.quantile(0.0) == pytest.approx(2.0, rel=0.01)
+    assert histogram.quantile(1.0) == pytest.approx(2.0, rel=0.01)
+
+
+def test_histogram_merge() -> None:
+    """Merging adds the other histogram's counts."""
+    low, high = LatencyHistogram(), LatencyHistogram()
+    for _ in range(10):
+        low.add(0.1)
+        high.add(10.0)
+    low.merge(high)
+    assert low.count == 20
+    assert low.quantile(0.0) == pytest.approx(0.1, rel=0.01)
+    assert low.quantile(1.0) == pytest.approx(10.0, rel=0.01)
+
+
+# --- StatsCollector -----------------------------------------------------------
+
+
+def test_collector_groups_and_totals() -> None:
+    """usage_rows has one row per (model, endpoint), sorted, then a summed '*' row."""
+    clock = FakeClock()
+    stats = StatsCollector(clock=clock)
+    stats.record(
+        [
+            _result(model="b", usage=Usage(10, 5, 15), latency_s=1.0),
+            _result(model="a", endpoint="chat", usage=Usage(3, 2, 5), attempts=2),
+            _result(model="b", status="error", attempts=3),
+        ]
+    )
+    stats.record([_result(model="b", usage=Usage(1, 1, 2))])
+    clock.advance(2.0)
+    rows = stats.usage_rows()
+    assert [(r["model"], r["endpoint"]) for r in rows] == [
+        ("a", "chat"),
+        ("b", "completions"),
+        ("*", "*"),
+    ]
+    a, b, total = rows
+    assert (a["requests"], a["succeeded"], a["failed"], a["attempts"]) == (1, 1, 0, 2)
+    assert (b["requests"], b["succeeded"], b["failed"], b["attempts"]) == (3, 2, 1, 5)
+    assert (b["prompt_tokens"], b["completion_tokens"], b["total_tokens"]) == (
+        11,
+        6,
+        17,
+    )
+    for key in (
+        "requests",
+        "succeeded",
+        "failed",
+        "attempts",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    ):
+        assert total[key] == a[key] + b[key], key
+    assert total["wall_s"] == 2.0
+    assert total["requests_per_s"] == 2.0
+    assert total["completion_tokens_per_s"] == 4.0
+    assert a["latency_p50_s"] == pytest.approx(0.5, rel=0.01)
+
+
+def test_collector_separates_endpoints_of_one_model() -> None:
+    """The same model on two endpoints gives two groups."""
+    stats = StatsCollector(clock=FakeClock())
+    stats.record([_result(endpoint="chat"), _result(endpoint="completions")])
+    keys = [(r["model"], r["endpoint"]) for r in stats.usage_rows()]
+    assert keys == [("m", "chat"), ("m", "completions"), ("*", "*")]
+
+
+def test_collector_skips_latency_without_attempts() -> None:
+    """Results that made no request add no latency sample."""
+    stats = StatsCollector(clock=FakeClock())
+    stats.record([_result(status="error", attempts=0, latency_s=0.0)])
+    assert stats.total.requests == 1
+    assert stats.total.latencies.count == 0
+    assert stats.usage_rows()[-1]["latency_p50_s"] is None
+
+
+def test_collector_empty_run() -> None:
+    """With no results there is only the '*' row, all zero, and no rates."""
+    stats = StatsCollector(clock=FakeClock())
+    (total,) = stats.usage_rows()
+    assert total["model"] == "*"
+    assert total["requests"] == 0
+    assert total["requests_per_s"] == 0.0
+    assert total["latency_p99_s"] is None
+
+
+def test_run_stats_from_collector(tmp_path: Path) -> None:
+    """RunStats freezes the collector's totals and wall time."""
+    clock = FakeClock()
+    stats = StatsCollector(clock=clock)
+    stats.record([_result(usage=Usage(4, 6, 10)), _result(status="error")])
+    clock.advance(4.0)
+    run = RunStats.from_collector(stats, tmp_path)
+    assert (run.rows, run.succeeded, run.failed, run.attempts) == (2, 1, 1, 2)
+    assert (run.prompt_tokens, run.completion_tokens, run.total_tokens) == (4, 6, 10)
+    assert run.wall_s == 4.0
+    assert run.requests_per_s == 0.5
+    assert "2 rows: 1 ok, 1 failed" in run.summary()
+
+
+# --- progress -----------------------------------------------------------------
+
+
+def test_line_progress_prints_after_interval() -> None:
+    """LineProgress prints nothing before its interval, then one line per interval."""
+    clock = FakeClock()
+    stats = StatsCollector(clock=clock)
+    out = io.StringIO()
+    progress = LineProgress(10, out, interval_s=10.0, clock=clock)
+    stats.record([_result(usage=Usage(1, 3, 4))] * 4)
+    clock.advance(9.9)
+    progress.refresh(stats)
+    assert out.getvalue() == ""
+    clock.advance(0.1)
+    progress.refresh(stats)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("batchrun: 4/10 rows, ok=4 failed=0")
+    assert "eta" in lines[0]
+    clock.advance(5.0)
+    progress.refresh(stats)
+    assert len(out.getvalue().splitlines()) == 1
+    clock.advance(5.0)
+    progress.refresh(stats)
+    assert len(out.getvalue().splitlines()) == 2
+
+
+def test_line_progress_without_total() -> None:
+    """Without a total the line has no '/total' and no eta."""
+    clock = FakeClock()
+    stats = StatsCollector(clock=clock)
+    out = io.StringIO()
+    progress = LineProgress(None, out, interval_s=1.0, clock=clock)
+    stats.record([_result()])
+    clock.advance(1.0)
+    progress.refresh(stats)
+    line = out.getvalue()
+    assert line.startswith("batchrun: 1 rows,")
+    assert "eta" not in line
+    progress.close(stats)
+    assert out.getvalue() == line
+
+
+def test_make_progress_off() -> None:
+    """Mode 'off' gives a NullProgress that writes nothing."""
+    out = io.StringIO()
+    clock = FakeClock()
+    progress = make_progress("off", 5, stream=out, clock=clock)
+    assert isinstance(progress, NullProgress)
+    stats = StatsCollector(clock=clock)
+    stats.record([_result()])
+    clock.advance(100.0)
+    progress.refresh(stats)
+    progress.close(stats)
+    assert out.getvalue() == ""
+
+
+def test_make_progress_auto_on_non_tty_is_lines() -> None:
+    """Mode 'auto' on a stream that is not a terminal gives line progress."""
+    clock = FakeClock()
+    out = io.StringIO()
+    progress = make_progress("auto", None, stream=out, interval_s=2.0, clock=clock)
+    assert isinstance(progress, LineProgress)
+    stats = StatsCollector(clock=clock)
+    clock.advance(2.0)
+    progress.refresh(stats)
+    assert out.getvalue().startswith("batchrun: 0 rows")
+
+
+def test_make_progress_bar() -> None:
+    """Mode 'bar' gives a tqdm bar that writes to the given stream."""
+    out = io.StringIO()
+    clock = FakeClock()
+    progress = make_progress("bar", 3, stream=out, clock=clock)
+    assert isinstance(progress, TqdmProgress)
+    stats = StatsCollector(clock=clock)
+    stats.record([_result(), _result(status="error")])
+    clock.advance(1.0)
+    progress.close(stats)
+    text = out.getvalue()
+    assert "2/3" in text
+    assert "failed=1" in text
