@@ -22,18 +22,7 @@ import orjson
 T0 = time.perf_counter()
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("input")
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--model", default="mock-model")
-    args = parser.parse_args()
-    prompts = [
-        orjson.loads(line)["prompt"]
-        for line in Path(args.input).read_bytes().splitlines()
-        if line.strip()
-    ]
+async def main(args: argparse.Namespace, prompts: list[str]) -> None:
     url = args.base_url.rstrip("/") + "/completions"
     rows = iter(prompts)
     done = 0
@@ -71,4 +60,15 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser()
+    parser.add_argument("input")
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--model", default="mock-model")
+    arguments = parser.parse_args()
+    rows = [
+        orjson.loads(line)["prompt"]
+        for line in Path(arguments.input).read_bytes().splitlines()
+        if line.strip()
+    ]
+    asyncio.run(main(arguments, rows))
