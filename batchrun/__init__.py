@@ -11,7 +11,9 @@ from importlib.metadata import version as _version
 from .config import (
     EndpointConfig,
     OutputOptions,
+    RateLimits,
     RequestOptions,
+    RetryPolicy,
     RunConfig,
 )
 from .errors import (
@@ -19,6 +21,7 @@ from .errors import (
     APIError,
     APITimeoutError,
     BatchrunError,
+    CircuitBreakerError,
     ConfigError,
     FatalAPIError,
     InputError,
@@ -43,6 +46,7 @@ __all__ = [
     "APIError",
     "APITimeoutError",
     "BatchrunError",
+    "CircuitBreakerError",
     "ConfigError",
     "EndpointConfig",
     "FatalAPIError",
@@ -53,8 +57,10 @@ __all__ = [
     "PermanentError",
     "PromptRecord",
     "RateLimitError",
+    "RateLimits",
     "RequestOptions",
     "Result",
+    "RetryPolicy",
     "RunConfig",
     "RunStats",
     "ServerError",

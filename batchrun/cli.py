@@ -18,12 +18,17 @@ from typing import Any
 from . import __version__
 from .config import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_RETRY_TIME_S,
+    DEFAULT_MAX_RETRY_WAIT_S,
     DEFAULT_TIMEOUT_S,
     PROVIDERS,
     EndpointConfig,
     OutputOptions,
     ProgressMode,
+    RateLimits,
     RequestOptions,
+    RetryPolicy,
     RunConfig,
 )
 from .errors import (
@@ -216,6 +221,43 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keep-columns", metavar="A,B", help="input columns to copy into the results"
     )
 
+    lim = run.add_argument_group("rate limits and retries")
+    lim.add_argument("--rpm", type=float, metavar="N", help="requests per minute")
+    lim.add_argument(
+        "--tpm", type=float, metavar="N", help="prompt + completion tokens per minute"
+    )
+    lim.add_argument(
+        "--prompt-tpm", type=float, metavar="N", help="prompt tokens per minute"
+    )
+    lim.add_argument(
+        "--completion-tpm",
+        type=float,
+        metavar="N",
+        help="completion (generated) tokens per minute",
+    )
+    lim.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        metavar="N",
+        help=f"attempts per row (default {DEFAULT_MAX_ATTEMPTS})",
+    )
+    lim.add_argument(
+        "--max-retry-time",
+        type=float,
+        default=DEFAULT_MAX_RETRY_TIME_S,
+        metavar="S",
+        help="give up on a row this long after its first attempt"
+        f" (default {DEFAULT_MAX_RETRY_TIME_S:g})",
+    )
+    lim.add_argument(
+        "--max-retry-wait",
+        type=float,
+        default=DEFAULT_MAX_RETRY_WAIT_S,
+        metavar="S",
+        help=f"longest Retry-After honoured (default {DEFAULT_MAX_RETRY_WAIT_S:g})",
+    )
+
     out = run.add_argument_group("output")
     out.add_argument(
         "--overwrite", action="store_true", help="replace earlier results in OUT"
@@ -231,11 +273,76 @@ def _build_parser() -> argparse.ArgumentParser:
         help="progress display (default auto: a bar on a terminal)",
     )
 
-    mock = sub.add_parser("serve-mock", help="serve the OpenAI-compatible simulator")
+    mock = sub.add_parser(
+        "serve-mock",
+        help="serve the OpenAI-compatible simulator",
+        description="Serve the OpenAI-compatible simulator until Ctrl-C.",
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8000)
-    mock.add_argument("--latency-ms", type=float, default=0.0, metavar="MS")
-    mock.add_argument("--seed", type=int, default=0)
+    mock.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="added to every response",
+    )
+    mock.add_argument("--seed", type=int, default=0, help="seeds text and faults")
+    mock.add_argument("--rpm", type=int, metavar="N", help="server-side requests/min")
+    mock.add_argument("--tpm", type=int, metavar="N", help="server-side tokens/min")
+    mock.add_argument(
+        "--completion-tpm",
+        type=int,
+        metavar="N",
+        help="server-side completion tokens/min",
+    )
+    mock.add_argument(
+        "--burst-s",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="bucket capacity in seconds of the limit (default 1)",
+    )
+    mock.add_argument(
+        "--header-style",
+        choices=("openai", "fireworks"),
+        default="openai",
+        help="rate-limit header names",
+    )
+    mock.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="fraction answered 500 or 503",
+    )
+    mock.add_argument(
+        "--drop-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="fraction whose connection drops mid-response",
+    )
+    mock.add_argument(
+        "--malformed-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="fraction answered with truncated JSON",
+    )
+    mock.add_argument(
+        "--slow-rate",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="fraction answered after --slow-ms",
+    )
+    mock.add_argument("--slow-ms", type=float, default=5000.0, metavar="MS")
+    mock.add_argument(
+        "--require-key-env",
+        metavar="VAR",
+        help="answer 401 unless the bearer token equals $VAR",
+    )
     return parser
 
 
@@ -316,6 +423,17 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             keep_columns=keep,
         ),
         concurrency=args.concurrency,
+        limits=RateLimits(
+            rpm=args.rpm,
+            tpm=args.tpm,
+            prompt_tpm=args.prompt_tpm,
+            completion_tpm=args.completion_tpm,
+        ),
+        retry=RetryPolicy(
+            max_attempts=args.max_attempts,
+            max_retry_time_s=args.max_retry_time,
+            max_retry_wait_s=args.max_retry_wait,
+        ),
         progress=progress,
     )
 
@@ -336,7 +454,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve_mock(args: argparse.Namespace) -> int:
     from .simulator import SimulatorConfig, run_simulator
 
-    config = SimulatorConfig(latency_ms=args.latency_ms, seed=args.seed)
+    api_key = None
+    if args.require_key_env:
+        api_key = os.environ.get(args.require_key_env) or None
+        if api_key is None:
+            raise ConfigError(f"the key variable {args.require_key_env} is not set")
+    config = SimulatorConfig(
+        latency_ms=args.latency_ms,
+        seed=args.seed,
+        api_key=api_key,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        completion_tpm=args.completion_tpm,
+        burst_s=args.burst_s,
+        header_style=args.header_style,
+        fail_rate=args.fail_rate,
+        drop_rate=args.drop_rate,
+        malformed_rate=args.malformed_rate,
+        slow_rate=args.slow_rate,
+        slow_ms=args.slow_ms,
+    )
 
     def ready(url: str) -> None:
         print(f"batchrun simulator serving {url}", file=sys.stderr, flush=True)

@@ -25,18 +25,19 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .client import APIClient, Reply
+from .calls import Caller
+from .client import APIClient
 from .config import RunConfig
 from .errors import (
-    APIError,
     BatchrunError,
+    CircuitBreakerError,
     FatalAPIError,
     InputError,
-    PermanentError,
-    TransientError,
 )
 from .payload import RequestBuilder
-from .records import JSONObject, PromptRecord, Result, Usage
+from .ratelimit import ConcurrencyLimit, RateLimiter
+from .records import PromptRecord, Result, Usage
+from .retry import Retrier, Sleep
 from .sinks import (
     MANIFEST_FILE,
     USAGE_FILE,
@@ -78,18 +79,25 @@ def run(config: RunConfig) -> RunStats:
     return anyio.run(arun, config, backend="asyncio")
 
 
-async def arun(config: RunConfig, *, clock: Clock = time.monotonic) -> RunStats:
+async def arun(
+    config: RunConfig,
+    *,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = anyio.sleep,
+) -> RunStats:
     """Run a batch inside a running event loop (e.g. a notebook).
 
     Args:
         config: What to run.
-        clock: Monotonic seconds, injectable for tests.
+        clock: Monotonic seconds; with ``sleep``, injectable so that tests
+            never wait out a real backoff.
+        sleep: Awaitable sleep used for backoff and rate-limit waits.
 
     Raises:
         The same as ``run``.
     """
     try:
-        return await _Run(config, clock).execute()
+        return await _Run(config, clock, sleep).execute()
     except BaseExceptionGroup as group:
         raise _primary(group) from None
 
@@ -120,6 +128,38 @@ def _located(exc: InputError, batch: RowBatch, index: int) -> InputError:
         kind=batch.kind,
         field=exc.field,
     )
+
+
+class _CircuitBreaker:
+    """Stops a run whose rows keep failing the same permanent way.
+
+    A wrong model name or parameter answers every row with the same 4xx; 50
+    such failures in a row (the first 50 of a run included) abort the run
+    instead of burning through a million rows.
+    """
+
+    THRESHOLD = 50
+
+    def __init__(self) -> None:
+        self._error: str | None = None
+        self._count = 0
+
+    def check(self, results: Sequence[Result]) -> None:
+        for result in results:
+            error = result.error
+            if result.status == "ok" or error is None:
+                self._error, self._count = None, 0
+                continue
+            if not error.startswith("PermanentError"):
+                continue
+            if error == self._error:
+                self._count += 1
+            else:
+                self._error, self._count = error, 1
+            if self._count >= self.THRESHOLD:
+                raise CircuitBreakerError(
+                    f"aborting: {self._count} rows in a row failed with: {error}"
+                )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,73 +233,26 @@ def _duplicate_error(
     return InputError(f"duplicate id {wanted!r}")  # pragma: no cover - found above
 
 
-def _result_from_reply(
-    record: PromptRecord,
-    reply: Reply,
-    *,
-    attempts: int,
-    started: float,
-    latency: float,
-    raw: bool,
-) -> Result:
-    data = reply.data
-    chat = record.endpoint == "chat"
-    choices: list[JSONObject] = []
-    for index, choice in enumerate(data["choices"]):
-        if not isinstance(choice, dict):
-            continue
-        if chat:
-            message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else None
-        else:
-            text = choice.get("text")
-        position = choice.get("index")
-        reason = choice.get("finish_reason")
-        choices.append(
-            {
-                "index": position if isinstance(position, int) else index,
-                "text": text if isinstance(text, str) else None,
-                "finish_reason": reason if isinstance(reason, str) else None,
-            }
-        )
-    first = choices[0] if choices else None
-    return Result(
-        id=record.id,
-        status="ok",
-        endpoint=record.endpoint,
-        model=record.model,
-        prompt=record.prompt,
-        completion=None if first is None else first["text"],
-        choices=choices,
-        finish_reason=None if first is None else first["finish_reason"],
-        usage=Usage.from_response(data),
-        response=reply.raw.decode("utf-8", "replace") if raw else None,
-        http_status=reply.status,
-        attempts=attempts,
-        latency_s=latency,
-        error=None,
-        started_at=started,
-        finished_at=started + latency,
-        extra=record.extra,
-    )
-
-
 class _Run:
     """The state of one run; ``execute`` drives it."""
 
-    def __init__(self, config: RunConfig, clock: Clock) -> None:
+    def __init__(self, config: RunConfig, clock: Clock, sleep: Sleep) -> None:
         if config.endpoint.mock and config.request.model is None:
             config = dataclasses.replace(
                 config, request=dataclasses.replace(config.request, model=MOCK_MODEL)
             )
         self.config = config
         self.clock = clock
+        self.sleep = sleep
+        self.caller: Caller | None = None
+        self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
+        self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock)
+        self.circuit = _CircuitBreaker()
         self.out_dir = config.output.out_dir
         self.builder = RequestBuilder(config.request)
         self.stats = StatsCollector(clock)
         self.started_iso = _now_iso()
         self.total: int | None = None
-        self.client: APIClient | None = None
         self.sink: PartWriter | None = None
         self.parts_written = 0
         self.progress: Progress | None = None
@@ -287,7 +280,7 @@ class _Run:
                         await stack.enter_async_context(start_simulator())
                     ).base_url
                 assert base_url is not None
-                self.client = await stack.enter_async_context(
+                client = await stack.enter_async_context(
                     APIClient(
                         base_url,
                         api_key=cfg.endpoint.api_key,
@@ -295,8 +288,17 @@ class _Run:
                         concurrency=cfg.concurrency,
                     )
                 )
+                self.caller = Caller(
+                    client,
+                    limiter=self.limiter,
+                    concurrency=self.concurrency,
+                    policy=cfg.retry,
+                    clock=self.clock,
+                    retrier=Retrier(cfg.retry, clock=self.clock, sleep=self.sleep),
+                    raw_response=cfg.output.raw_response,
+                )
                 self.progress = make_progress(
-                    cfg.progress, scan.total, clock=self.clock
+                    cfg.progress, scan.total, clock=self.clock, note=self._note
                 )
                 await self._pipeline()
             status = "finished"
@@ -359,7 +361,10 @@ class _Run:
             async with anyio.create_task_group() as tg:
                 async with records_in, records_out, results_in:
                     tg.start_soon(self._read, records_in.clone(), results_in.clone())
-                    for _ in range(n):
+                    # Twice as many workers as slots: a row waiting out its
+                    # backoff holds a worker but no slot, so fresh rows keep
+                    # the slots busy and retries interleave with new work.
+                    for _ in range(2 * n):
                         tg.start_soon(
                             self._work, records_out.clone(), results_in.clone()
                         )
@@ -393,6 +398,14 @@ class _Run:
                     self._input_failure(row_id, str(_located(exc, batch, index)))
                 )
         return out, position
+
+    def _note(self) -> str:
+        """Limiter state for the progress display."""
+        note = f"conc={self.concurrency.limit}"
+        waiting = self.limiter.waiting()
+        if waiting > 0:
+            note += f" waiting {waiting:.0f}s (rate limit)"
+        return note
 
     def _input_failure(self, row_id: str, message: str) -> Result:
         now = time.time()
@@ -441,58 +454,11 @@ class _Run:
         records: MemoryObjectReceiveStream[PromptRecord],
         results: MemoryObjectSendStream[Result],
     ) -> None:
+        caller = self.caller
+        assert caller is not None
         async with records, results:
             async for record in records:
-                await results.send(await self._call(record))
-
-    async def _call(self, record: PromptRecord) -> Result:
-        client = self.client
-        assert client is not None
-        started = time.time()
-        t0 = self.clock()
-        try:
-            reply = await client.post(record.endpoint, record.body)
-        except (TransientError, PermanentError) as exc:
-            return self._api_failure(
-                record, exc, attempts=1, started=started, latency=self.clock() - t0
-            )
-        return _result_from_reply(
-            record,
-            reply,
-            attempts=1,
-            started=started,
-            latency=self.clock() - t0,
-            raw=self.config.output.raw_response,
-        )
-
-    def _api_failure(
-        self,
-        record: PromptRecord,
-        exc: APIError,
-        *,
-        attempts: int,
-        started: float,
-        latency: float,
-    ) -> Result:
-        return Result(
-            id=record.id,
-            status="error",
-            endpoint=record.endpoint,
-            model=record.model,
-            prompt=record.prompt,
-            completion=None,
-            choices=None,
-            finish_reason=None,
-            usage=Usage(),
-            response=exc.body if self.config.output.raw_response else None,
-            http_status=exc.status,
-            attempts=attempts,
-            latency_s=latency,
-            error=f"{type(exc).__name__}: {exc}",
-            started_at=started,
-            finished_at=started + latency,
-            extra=record.extra,
-        )
+                await results.send(await caller.call(record))
 
     async def _write(self, results: MemoryObjectReceiveStream[Result]) -> None:
         sink = self.sink
@@ -521,6 +487,7 @@ class _Run:
                             break
                     sink.add(batch)
                     self.stats.record(batch)
+                    self.circuit.check(batch)
                     if sink.pending >= limit or anyio.current_time() >= deadline:
                         await self._flush()
                         deadline = anyio.current_time() + interval

@@ -791,7 +791,9 @@ class _Simulator:
             return wait_s or None
         if requests is not None:
             headers["x-ratelimit-reset-requests"] = requests.reset()
-        if (tokens_bucket := prompt or generated) is not None:
+        # OpenAI style has one token budget (prompt + completion); a
+        # completion-only limit has no OpenAI header, so none is sent for it.
+        if (tokens_bucket := prompt) is not None:
             headers["x-ratelimit-limit-tokens"] = str(tokens_bucket.limit)
             headers["x-ratelimit-remaining-tokens"] = tokens_bucket.remaining()
             headers["x-ratelimit-reset-tokens"] = tokens_bucket.reset()
@@ -824,7 +826,11 @@ def create_app(
 
 @contextlib.asynccontextmanager
 async def start_simulator(
-    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    config: SimulatorConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    clock: Clock = time.monotonic,
 ) -> AsyncIterator[SimulatorHandle]:
     """Serve the simulator in the running event loop until the block exits.
 
@@ -832,11 +838,13 @@ async def start_simulator(
         config: How to answer.
         host: The interface to listen on.
         port: The TCP port; 0 picks a free one.
+        clock: Monotonic seconds for the rate-limit buckets (tests share a
+            virtual clock with the client).
 
     Yields:
         The handle, once the server accepts connections.
     """
-    app = create_app(config)
+    app = create_app(config, clock=clock)
     # handler_cancellation: when a client gives up (a timeout), its handler stops,
     # so slow answers neither pile up nor hold up shutdown.
     runner = web.AppRunner(
@@ -854,13 +862,17 @@ async def start_simulator(
 
 @contextlib.contextmanager
 def serve_in_thread(
-    config: SimulatorConfig | None = None, *, host: str = "127.0.0.1"
+    config: SimulatorConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    clock: Clock = time.monotonic,
 ) -> Iterator[SimulatorHandle]:
     """Serve the simulator on a free port from a thread with its own event loop.
 
     Args:
         config: How to answer.
         host: The interface to listen on.
+        clock: Monotonic seconds for the rate-limit buckets.
 
     Yields:
         The handle, once the server accepts connections. On exit the server
@@ -875,7 +887,7 @@ def serve_in_thread(
 
     async def serve() -> None:
         stop = asyncio.Event()
-        async with start_simulator(config, host=host) as handle:
+        async with start_simulator(config, host=host, clock=clock) as handle:
             started.append((handle, asyncio.get_running_loop(), stop))
             ready.set()
             await stop.wait()

@@ -79,6 +79,10 @@ class GroupStats:
     succeeded: int = 0
     failed: int = 0
     attempts: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    timeouts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -92,10 +96,22 @@ class GroupStats:
         else:
             self.failed += 1
         self.attempts += result.attempts
-        usage = result.usage
-        self.prompt_tokens += usage.prompt_tokens or 0
-        self.completion_tokens += usage.completion_tokens or 0
-        self.total_tokens += usage.total_tokens or 0
+        log = result.log
+        if log is None:
+            # One clean attempt: what was billed is the row's own usage.
+            usage = result.usage
+            prompt = usage.prompt_tokens or 0
+            completion = usage.completion_tokens or 0
+        else:
+            self.retries += max(0, log.attempts - 1)
+            self.rate_limited += log.rate_limited
+            self.server_errors += log.server_errors
+            self.timeouts += log.timeouts
+            prompt = log.billed_prompt_tokens
+            completion = log.billed_completion_tokens
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.total_tokens += prompt + completion
         if result.attempts:
             self.latencies.add(result.latency_s)
 
@@ -110,6 +126,10 @@ class GroupStats:
             "succeeded": self.succeeded,
             "failed": self.failed,
             "attempts": self.attempts,
+            "retries": self.retries,
+            "rate_limited": self.rate_limited,
+            "server_errors": self.server_errors,
+            "timeouts": self.timeouts,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
@@ -239,6 +259,10 @@ class NullProgress:
         """Do nothing."""
 
 
+def _no_note() -> str:
+    return ""
+
+
 def _rates(stats: StatsCollector) -> tuple[float, float]:
     elapsed = max(stats.elapsed(), 1e-9)
     return stats.total.requests / elapsed, stats.total.completion_tokens / elapsed
@@ -247,7 +271,10 @@ def _rates(stats: StatsCollector) -> tuple[float, float]:
 class TqdmProgress:
     """A tqdm bar on stderr: rows done of total, ok/failed, rows/s, tokens/s, ETA."""
 
-    def __init__(self, total: int | None, stream: TextIO) -> None:
+    def __init__(
+        self, total: int | None, stream: TextIO, *, note: Callable[[], str] = _no_note
+    ) -> None:
+        self._note = note
         self._bar = tqdm(
             total=total, file=stream, unit="row", dynamic_ncols=True, smoothing=0.1
         )
@@ -257,8 +284,10 @@ class TqdmProgress:
         """Advance the bar to the collector's count."""
         done = stats.total.requests
         _, tok_s = _rates(stats)
+        t = stats.total
         self._bar.set_postfix_str(
-            f"ok={stats.total.succeeded} failed={stats.total.failed} tok/s={tok_s:.0f}",
+            f"ok={t.succeeded} failed={t.failed} tok/s={tok_s:.0f}"
+            f" retries={t.retries} 429s={t.rate_limited} {self._note()}",
             refresh=False,
         )
         self._bar.update(done - self._shown)
@@ -274,8 +303,15 @@ class LineProgress:
     """One plain line every ``interval_s`` seconds, for logs and pipes."""
 
     def __init__(
-        self, total: int | None, stream: TextIO, *, interval_s: float, clock: Clock
+        self,
+        total: int | None,
+        stream: TextIO,
+        *,
+        interval_s: float,
+        clock: Clock,
+        note: Callable[[], str] = _no_note,
     ) -> None:
+        self._note = note
         self._total = total
         self._stream = stream
         self._interval = interval_s
@@ -298,7 +334,8 @@ class LineProgress:
             eta = f" eta {max(self._total - t.requests, 0) / rate:.0f}s"
         self._stream.write(
             f"batchrun: {t.requests}{of} rows, ok={t.succeeded} failed={t.failed},"
-            f" {rate:.1f} rows/s, {tok_s:.0f} tok/s{eta}\n"
+            f" {rate:.1f} rows/s, {tok_s:.0f} tok/s, retries={t.retries}"
+            f" 429s={t.rate_limited} {self._note()}{eta}\n"
         )
         self._stream.flush()
 
@@ -313,13 +350,23 @@ def make_progress(
     stream: TextIO | None = None,
     interval_s: float = 10.0,
     clock: Clock = time.monotonic,
+    note: Callable[[], str] = _no_note,
 ) -> Progress:
-    """The progress display for ``mode`` (auto, bar, lines, off)."""
+    """The progress display for ``mode`` (auto, bar, lines, off).
+
+    Args:
+        mode: ``auto`` picks a bar on a terminal, else lines.
+        total: Rows expected, if known.
+        stream: Where to draw; stderr by default.
+        interval_s: Seconds between plain lines.
+        clock: Monotonic seconds.
+        note: Extra live state (concurrency, rate-limit wait) to show.
+    """
     out = sys.stderr if stream is None else stream
     if mode == "auto":
         mode = "bar" if out.isatty() else "lines"
     if mode == "bar":
-        return TqdmProgress(total, out)
+        return TqdmProgress(total, out, note=note)
     if mode == "lines":
-        return LineProgress(total, out, interval_s=interval_s, clock=clock)
+        return LineProgress(total, out, interval_s=interval_s, clock=clock, note=note)
     return NullProgress()

@@ -39,7 +39,10 @@ def pinned(core: int, argv: list[str]) -> list[str]:
     return argv
 
 
-def start_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, latency_ms: float, extra: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the simulator pinned to core 1 and wait until it answers."""
     argv = [
         sys.executable,
         "-m",
@@ -49,6 +52,7 @@ def start_server(port: int, latency_ms: float) -> subprocess.Popen[bytes]:
         str(port),
         "--latency-ms",
         str(latency_ms),
+        *(extra or []),
     ]
     proc = subprocess.Popen(pinned(1, argv), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20

@@ -7,7 +7,8 @@ that both synchronous CLI tests (``main([...])``) and async tests can use it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,12 @@ def sim_factory() -> Iterator[SimFactory]:
     """Start simulators with a given config; all are stopped after the test."""
     stack: list[Any] = []
 
-    def start(**options: Any) -> SimulatorHandle:
-        manager = serve_in_thread(SimulatorConfig(**options))
+    def start(
+        clock: Callable[[], float] | None = None, **options: Any
+    ) -> SimulatorHandle:
+        manager = serve_in_thread(
+            SimulatorConfig(**options), clock=clock or time.monotonic
+        )
         handle = manager.__enter__()
         stack.append(manager)
         return handle

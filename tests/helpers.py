@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -45,3 +48,26 @@ def read_results(out: Path) -> list[dict[str, Any]]:
 def run_cli(*args: str | Path) -> int:
     """Run the CLI in-process; returns the exit code."""
     return main([str(a) for a in args])
+
+
+class VirtualTime:
+    """A clock that sleeping moves forward at once: no test waits out a backoff.
+
+    Pass ``clock`` to the simulator and ``clock``/``sleep`` to ``arun``: both
+    then agree on how much time has passed.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        """Real monotonic time plus every virtual sleep so far."""
+        return time.monotonic() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance the clock by ``seconds`` and yield to the event loop once."""
+        if seconds > 0:
+            self.offset += seconds
+            self.slept.append(seconds)
+        await anyio.lowlevel.checkpoint()

@@ -1,0 +1,245 @@
+"""One row's request, start to finish: estimate, wait for room, attempt, retry.
+
+``Caller.call`` turns a ``PromptRecord`` into a ``Result`` and never raises
+for a failed row (a failed record is data). It raises only what must stop the
+run: ``FatalAPIError``. The rate limiter and the adaptive concurrency limit are
+fed every outcome here, so a 429 pauses the whole pool once and a success
+lets it grow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .client import APIClient, Reply
+from .config import RetryPolicy
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    MalformedResponseError,
+    PermanentError,
+    RateLimitError,
+    ServerError,
+    TransientError,
+)
+from .payload import TokenEstimator
+from .ratelimit import ConcurrencyLimit, Cost, RateLimiter
+from .records import AttemptLog, JSONObject, PromptRecord, Result, Usage
+from .retry import Retrier
+
+__all__ = ["Caller", "failed_result"]
+
+# A 429 without Retry-After still pauses the pool this long.
+DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
+
+
+def failed_result(
+    record: PromptRecord,
+    error: str,
+    *,
+    log: AttemptLog | None = None,
+    status: int | None = None,
+    response: str | None = None,
+    started: float | None = None,
+    latency: float = 0.0,
+) -> Result:
+    """An error row for ``record``."""
+    started = time.time() if started is None else started
+    return Result(
+        id=record.id,
+        status="error",
+        endpoint=record.endpoint,
+        model=record.model,
+        prompt=record.prompt,
+        completion=None,
+        choices=None,
+        finish_reason=None,
+        usage=Usage(),
+        response=response,
+        http_status=status,
+        attempts=0 if log is None else log.attempts,
+        latency_s=latency,
+        error=" ".join(error.split()),
+        started_at=started,
+        finished_at=started + latency,
+        extra=record.extra,
+        log=log,
+    )
+
+
+def _choices(data: JSONObject, chat: bool) -> list[JSONObject]:
+    choices: list[JSONObject] = []
+    for index, choice in enumerate(data["choices"]):
+        if not isinstance(choice, dict):
+            continue
+        if chat:
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+        else:
+            text = choice.get("text")
+        position = choice.get("index")
+        reason = choice.get("finish_reason")
+        choices.append(
+            {
+                "index": position if isinstance(position, int) else index,
+                "text": text if isinstance(text, str) else None,
+                "finish_reason": reason if isinstance(reason, str) else None,
+            }
+        )
+    return choices
+
+
+class Caller:
+    """Makes the requests of a run, inside its limits.
+
+    Args:
+        client: The open HTTP client.
+        limiter: Per-minute budgets, shared by every worker.
+        concurrency: The adaptive cap on requests in flight.
+        policy: The retry policy.
+        clock: Monotonic seconds.
+        retrier: Retries transient failures.
+        raw_response: Keep the raw response body in results.
+    """
+
+    def __init__(
+        self,
+        client: APIClient,
+        *,
+        limiter: RateLimiter,
+        concurrency: ConcurrencyLimit,
+        policy: RetryPolicy,
+        clock: Callable[[], float],
+        retrier: Retrier,
+        raw_response: bool,
+    ) -> None:
+        self.client = client
+        self.limiter = limiter
+        self.concurrency = concurrency
+        self.policy = policy
+        self.estimator = TokenEstimator()
+        self._clock = clock
+        self._retrier = retrier
+        self._raw = raw_response
+
+    async def call(self, record: PromptRecord) -> Result:
+        """Request ``record`` until it succeeds, fails for good, or retries run out.
+
+        Raises:
+            FatalAPIError: The key, model or URL is wrong; the run must stop.
+        """
+        estimator = self.estimator
+        cost = Cost(
+            estimator.prompt_tokens(record), estimator.completion_tokens(record)
+        )
+        too_big = self.limiter.too_big(cost)
+        if too_big is not None:
+            return failed_result(record, f"RequestTooLargeError: {too_big}")
+        log = AttemptLog()
+        started = time.time()
+        t0 = self._clock()
+        try:
+            try:
+                reply = await self._attempt(record, cost, log)
+            except TransientError as failure:
+                reply = await self._retrier.retry(
+                    lambda: self._attempt(record, cost, log), failure, t0
+                )
+        except (TransientError, PermanentError) as exc:
+            return self._failure(record, exc, log, started, self._clock() - t0)
+        latency = self._clock() - t0
+        data = reply.data
+        choices = _choices(data, record.endpoint == "chat")
+        first = choices[0] if choices else None
+        return Result(
+            id=record.id,
+            status="ok",
+            endpoint=record.endpoint,
+            model=record.model,
+            prompt=record.prompt,
+            completion=None if first is None else first["text"],
+            choices=choices,
+            finish_reason=None if first is None else first["finish_reason"],
+            usage=Usage.from_response(data),
+            response=reply.raw.decode("utf-8", "replace") if self._raw else None,
+            http_status=reply.status,
+            attempts=log.attempts,
+            latency_s=latency,
+            error=None,
+            started_at=started,
+            finished_at=started + latency,
+            extra=record.extra,
+            log=log if log.attempts > 1 else None,
+        )
+
+    def _failure(
+        self,
+        record: PromptRecord,
+        exc: APIError,
+        log: AttemptLog,
+        started: float,
+        latency: float,
+    ) -> Result:
+        return failed_result(
+            record,
+            f"{type(exc).__name__}: {exc}",
+            log=log,
+            status=exc.status,
+            response=exc.body if self._raw else None,
+            started=started,
+            latency=latency,
+        )
+
+    async def _attempt(
+        self, record: PromptRecord, cost: Cost, log: AttemptLog
+    ) -> Reply:
+        """One HTTP attempt inside a concurrency slot and the rate budgets."""
+        log.attempts += 1
+        limiter = self.limiter
+        concurrency = self.concurrency
+        await concurrency.acquire()
+        try:
+            await limiter.acquire(cost)
+            try:
+                reply = await self.client.post(record.endpoint, record.body)
+            except RateLimitError as exc:
+                log.rate_limited += 1
+                limiter.settle(cost, 0, 0)
+                if exc.headers is not None:
+                    limiter.follow(exc.headers)
+                wait = exc.retry_after
+                limiter.pause(
+                    min(
+                        DEFAULT_RATE_LIMIT_PAUSE_S if wait is None else wait,
+                        self.policy.max_retry_wait_s,
+                    )
+                )
+                concurrency.on_rate_limited()
+                raise
+            except ServerError:
+                log.server_errors += 1
+                limiter.settle(cost, 0, 0)
+                concurrency.on_overload()
+                raise
+            except APITimeoutError:
+                log.timeouts += 1
+                raise
+            except APIConnectionError:
+                log.connection_errors += 1
+                raise
+            except MalformedResponseError as exc:
+                log.malformed += 1
+                if exc.data is not None:
+                    log.bill(Usage.from_response(dict(exc.data)))
+                raise
+        finally:
+            concurrency.release()
+        usage = Usage.from_response(reply.data)
+        log.bill(usage)
+        limiter.settle(cost, usage.prompt_tokens, usage.completion_tokens)
+        limiter.follow(reply.headers)
+        self.estimator.observe(record, usage.prompt_tokens, usage.completion_tokens)
+        concurrency.on_success()
+        return reply

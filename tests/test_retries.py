@@ -1,0 +1,330 @@
+"""Retries, rate limits and the circuit breaker, end to end against the simulator.
+
+Runs go through ``arun`` with a virtual clock shared with the simulator, so
+backoffs and Retry-After pauses take no real time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun import (
+    CircuitBreakerError,
+    EndpointConfig,
+    FatalAPIError,
+    OutputOptions,
+    RequestOptions,
+    RunConfig,
+    RunStats,
+    arun,
+)
+from batchrun.config import RateLimits, RetryPolicy
+from batchrun.simulator import ScriptedResponse, SimulatorHandle
+
+from .helpers import SimFactory, VirtualTime, prompts, read_results, write_jsonl
+
+
+async def _run(
+    sim: SimulatorHandle,
+    rows: list[dict[str, Any]],
+    tmp_path: Path,
+    vt: VirtualTime,
+    *,
+    concurrency: int = 4,
+    limits: RateLimits | None = None,
+    retry: RetryPolicy | None = None,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 30.0,
+) -> RunStats:
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    config = RunConfig(
+        inputs=(inp,),
+        output=OutputOptions(out_dir=tmp_path / "out", overwrite=True),
+        endpoint=EndpointConfig(base_url=sim.base_url, timeout_s=timeout_s),
+        request=RequestOptions(model="m", params=params or {}),
+        concurrency=concurrency,
+        limits=limits or RateLimits(),
+        retry=retry or RetryPolicy(),
+        progress="off",
+    )
+    return await arun(config, clock=vt.clock, sleep=vt.sleep)
+
+
+def _usage(tmp_path: Path) -> dict[str, Any]:
+    rows = pq.read_table(tmp_path / "out" / "usage.parquet").to_pylist()
+    return next(r for r in rows if r["model"] == "*")
+
+
+async def test_429_with_retry_after_then_success(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """A 429 pauses for its Retry-After, then the row succeeds on attempt 2."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "slow down [[sim:fail=429;retry_after=7]]"}]
+    stats = await _run(sim, rows, tmp_path, vt)
+    (row,) = read_results(tmp_path / "out")
+    assert row["status"] == "ok"
+    assert row["attempts"] == 2
+    assert stats.attempts == 2
+    assert 7.0 in vt.slept
+    usage = _usage(tmp_path)
+    assert usage["rate_limited"] == 1
+    assert usage["retries"] == 1
+    assert sim.state.snapshot()["rate_limited"] == 1
+
+
+async def test_500_500_200(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """Two 500s then a 200: ok after three attempts, both failures counted."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "flaky [[sim:fail=500,500]]"}, *prompts(3)]
+    await _run(sim, rows, tmp_path, vt)
+    by_id = {r["id"]: r for r in read_results(tmp_path / "out")}
+    assert by_id["a"]["status"] == "ok"
+    assert by_id["a"]["attempts"] == 3
+    assert all(by_id[f"row-{i}"]["attempts"] == 1 for i in range(3))
+    usage = _usage(tmp_path)
+    assert usage["server_errors"] == 2
+    assert usage["attempts"] == 6
+
+
+async def test_503_retry_after_is_honoured(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """A 503 with Retry-After waits that long before the next attempt."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "busy [[sim:fail=503;retry_after=4]]"}]
+    await _run(sim, rows, tmp_path, vt)
+    assert read_results(tmp_path / "out")[0]["attempts"] == 2
+    assert 4.0 in vt.slept
+
+
+async def test_retry_after_is_capped(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """A Retry-After beyond --max-retry-wait is cut to it."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "x [[sim:fail=429;retry_after=3000]]"}]
+    await _run(sim, rows, tmp_path, vt, retry=RetryPolicy(max_retry_wait_s=30))
+    assert read_results(tmp_path / "out")[0]["status"] == "ok"
+    assert max(vt.slept) == 30.0
+
+
+async def test_400_is_not_retried(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """A 400 is an error row after exactly one attempt; other rows are unaffected."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "bad", "prompt": "nope [[sim:status=400]]"}, *prompts(5)]
+    stats = await _run(sim, rows, tmp_path, vt)
+    by_id = {r["id"]: r for r in read_results(tmp_path / "out")}
+    assert by_id["bad"]["status"] == "error"
+    assert by_id["bad"]["attempts"] == 1
+    assert by_id["bad"]["http_status"] == 400
+    assert stats.failed == 1
+    assert stats.succeeded == 5
+    counts = sim.state.snapshot(prompts=True)["prompt_counts"]
+    assert counts["nope [[sim:status=400]]"] == 1
+
+
+@pytest.mark.parametrize("status", [413, 422])
+async def test_other_4xx_not_retried(
+    sim_factory: SimFactory, tmp_path: Path, status: int
+) -> None:
+    """413 and 422 are permanent: one attempt, an error row."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": f"x [[sim:status={status}]]"}]
+    await _run(sim, rows, tmp_path, vt)
+    (row,) = read_results(tmp_path / "out")
+    assert (row["status"], row["attempts"], row["http_status"]) == ("error", 1, status)
+
+
+async def test_retries_run_out(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """When attempts run out the row is an error naming the last failure."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "x [[sim:fail=500,500,502,503]]"}, *prompts(2)]
+    stats = await _run(sim, rows, tmp_path, vt, retry=RetryPolicy(max_attempts=3))
+    by_id = {r["id"]: r for r in read_results(tmp_path / "out")}
+    assert by_id["a"]["status"] == "error"
+    assert by_id["a"]["attempts"] == 3
+    assert by_id["a"]["error"].startswith("ServerError: HTTP 502")
+    assert stats.succeeded == 2
+
+
+async def test_backoff_is_capped_full_jitter(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """Without Retry-After the waits are full jitter under the capped exponential."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "x [[sim:fail=500,500,500,500,500]]"}]
+    policy = RetryPolicy(backoff_base_s=1.0, backoff_max_s=3.0)
+    await _run(sim, rows, tmp_path, vt, retry=policy)
+    waits = [w for w in vt.slept if w > 0]
+    assert len(waits) == 5
+    for k, wait in enumerate(waits, start=1):
+        assert 0 <= wait <= min(3.0, 2 ** (k - 1))
+
+
+async def test_faults_end_ok_and_exactly_once(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """With 5xx, dropped, malformed and slow answers, every row ends ok, once."""
+    vt = VirtualTime()
+    sim = sim_factory(
+        clock=vt.clock,
+        seed=7,
+        fail_rate=0.10,
+        drop_rate=0.05,
+        malformed_rate=0.02,
+        slow_rate=0.01,
+        slow_ms=3000,
+    )
+    rows = prompts(400)
+    stats = await _run(
+        sim,
+        rows,
+        tmp_path,
+        vt,
+        concurrency=16,
+        timeout_s=1.0,
+        retry=RetryPolicy(max_attempts=15),
+    )
+    results = read_results(tmp_path / "out")
+    assert [r["id"] for r in results] == sorted(r["id"] for r in rows)
+    assert {r["status"] for r in results} == {"ok"}
+    assert stats.succeeded == 400
+    seen = sim.state.snapshot(prompts=True)
+    faults = seen["faults"]
+    assert faults["fail"] > 0
+    assert faults["drop"] > 0
+    assert faults["malformed"] > 0
+    attempts = {r["prompt"]: r["attempts"] for r in results}
+    for prompt, count in seen["prompt_counts"].items():
+        assert count <= attempts[prompt]
+    assert sum(attempts.values()) == stats.attempts
+
+
+async def test_timeout_is_retried(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """A response slower than the timeout is retried and counted as a timeout."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "a", "prompt": "x [[sim:fail=200;delay_ms=400]]"}]
+    rows = [{"id": "a", "prompt": "hi"}]
+    sim.state.enqueue(ScriptedResponse(delay_ms=500))
+    await _run(sim, rows, tmp_path, vt, timeout_s=0.1)
+    (row,) = read_results(tmp_path / "out")
+    assert row["status"] == "ok"
+    assert row["attempts"] == 2
+    assert _usage(tmp_path)["timeouts"] == 1
+
+
+async def test_request_larger_than_tpm_fails_fast(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """A request whose estimate exceeds the whole TPM is an error row, not a hang."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [{"id": "big", "prompt": "word " * 2000}, {"id": "small", "prompt": "hi"}]
+    stats = await _run(
+        sim, rows, tmp_path, vt, limits=RateLimits(tpm=1000), params={"max_tokens": 10}
+    )
+    by_id = {r["id"]: r for r in read_results(tmp_path / "out")}
+    assert by_id["big"]["status"] == "error"
+    assert by_id["big"]["attempts"] == 0
+    assert by_id["big"]["error"].startswith("RequestTooLargeError:")
+    assert by_id["small"]["status"] == "ok"
+    assert stats.attempts == 1
+    assert sim.state.snapshot()["requests"] == 1
+
+
+async def test_client_rpm_paces_requests(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """--rpm 600 spreads 100 requests over about ten (virtual) seconds."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    start = vt.clock()
+    await _run(
+        sim, prompts(100), tmp_path, vt, concurrency=32, limits=RateLimits(rpm=600)
+    )
+    elapsed = vt.clock() - start
+    assert 9.0 <= elapsed <= 11.5
+
+
+async def test_server_limit_with_headers_is_followed(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """With no client limit, the server's x-ratelimit headers keep 429s rare."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock, rpm=600)
+    stats = await _run(sim, prompts(300), tmp_path, vt, concurrency=32)
+    assert stats.succeeded == 300
+    seen = sim.state.snapshot()
+    assert seen["rate_limited"] <= 0.02 * seen["requests"]
+
+
+async def test_completion_tpm_paces_generated_tokens(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """--completion-tpm paces by generated tokens, reconciled with reported usage."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    start = vt.clock()
+    stats = await _run(
+        sim,
+        prompts(200),
+        tmp_path,
+        vt,
+        concurrency=16,
+        limits=RateLimits(completion_tpm=3000),
+        params={"max_tokens": 16},
+    )
+    elapsed_min = (vt.clock() - start) / 60
+    assert stats.succeeded == 200
+    # Reservations of 16 are settled to the real usage, so the pace follows
+    # the tokens actually generated, not the reserved maximum.
+    assert 0.9 <= stats.completion_tokens / elapsed_min / 3000 <= 1.02
+
+
+async def test_401_aborts_at_once(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """A 401 raises FatalAPIError and stops within one round of requests."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock, api_key="secret")
+    with pytest.raises(FatalAPIError, match="API key is missing or wrong"):
+        await _run(sim, prompts(1000), tmp_path, vt, concurrency=8)
+    assert sim.state.snapshot()["requests"] <= 16
+
+
+async def test_circuit_breaker(sim_factory: SimFactory, tmp_path: Path) -> None:
+    """Fifty rows in a row failing with the same 400 abort the run."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    for _ in range(1000):
+        sim.state.enqueue(
+            ScriptedResponse(status=400, body={"error": {"message": "bad model"}})
+        )
+    with pytest.raises(CircuitBreakerError, match="50 rows in a row failed"):
+        await _run(sim, prompts(1000), tmp_path, vt, concurrency=4)
+    assert sim.state.snapshot()["requests"] < 100
+    assert len(read_results(tmp_path / "out")) >= 50
+
+
+async def test_varied_400s_do_not_trip_the_breaker(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """Different permanent errors on different rows are just error rows."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [
+        {"id": str(i), "prompt": f"p{i} [[sim:status={400 + i % 2 * 22}]]"}
+        for i in range(120)
+    ]
+    stats = await _run(sim, rows, tmp_path, vt)
+    assert stats.failed == 120
