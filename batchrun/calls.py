@@ -66,6 +66,7 @@ def failed_result(
         finished_at=started + latency,
         extra=record.extra,
         log=log,
+        request_hash=record.request_hash,
     )
 
 
@@ -172,6 +173,7 @@ class Caller:
             finished_at=started + latency,
             extra=record.extra,
             log=log if log.attempts > 1 else None,
+            request_hash=record.request_hash,
         )
 
     def _failure(

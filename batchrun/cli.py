@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import Any
 from . import __version__
 from .config import (
     DEFAULT_CONCURRENCY,
+    DEFAULT_GRACE_S,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RETRY_TIME_S,
     DEFAULT_MAX_RETRY_WAIT_S,
@@ -44,6 +46,7 @@ __all__ = [
     "EXIT_FAILED_ROWS",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "EXIT_USAGE",
     "main",
 ]
@@ -53,6 +56,7 @@ EXIT_FAILED_ROWS = 1
 EXIT_USAGE = 2
 EXIT_ABORTED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 _EPILOG = """\
 examples:
@@ -68,8 +72,12 @@ examples:
       --base-url http://localhost:8000/v1 --model my-model \\
       --template-file samples/classify.j2 --max-tokens 4
 
+  # where a long run stands (safe while it runs); the same command resumes it
+  batchrun status runs/demo
+
 exit codes: 0 all rows ok, 1 some rows failed, 2 usage/config/input error,
-            3 aborted (bad key/model/URL, output unwritable), 130 interrupted
+            3 aborted (bad key/model/URL, output unwritable),
+            130 stopped by Ctrl-C, 143 stopped by SIGTERM (run again to resume)
 """
 
 # (flag, body field, type) for the sampling parameters sent only when given.
@@ -258,9 +266,29 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"longest Retry-After honoured (default {DEFAULT_MAX_RETRY_WAIT_S:g})",
     )
 
-    out = run.add_argument_group("output")
+    out = run.add_argument_group("output and resume")
     out.add_argument(
-        "--overwrite", action="store_true", help="replace earlier results in OUT"
+        "--overwrite",
+        action="store_true",
+        help="delete earlier results in OUT and start afresh",
+    )
+    out.add_argument(
+        "--skip-failed",
+        action="store_true",
+        help="on resume, keep earlier error rows instead of retrying them",
+    )
+    out.add_argument(
+        "--fsync",
+        action="store_true",
+        help="force each journal write to disk (survives power loss)",
+    )
+    out.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        metavar="S",
+        help="on Ctrl-C or SIGTERM, let requests in flight finish this long"
+        f" (default {DEFAULT_GRACE_S:g})",
     )
     out.add_argument(
         "--no-raw", action="store_true", help="do not keep the raw response body"
@@ -272,6 +300,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress display (default auto: a bar on a terminal)",
     )
+
+    status = sub.add_parser(
+        "status",
+        help="show where a run stands",
+        description="Show rows ok and failed, tokens so far, the last write and"
+        " whether the run finished. Safe while the run is going.",
+    )
+    status.add_argument("output", type=Path, metavar="OUT")
 
     mock = sub.add_parser(
         "serve-mock",
@@ -408,7 +444,11 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         inputs=tuple(args.inputs),
         output=OutputOptions(
-            out_dir=args.output, overwrite=args.overwrite, raw_response=not args.no_raw
+            out_dir=args.output,
+            overwrite=args.overwrite,
+            raw_response=not args.no_raw,
+            skip_failed=args.skip_failed,
+            fsync=args.fsync,
         ),
         endpoint=_endpoint(args),
         request=RequestOptions(
@@ -435,6 +475,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             max_retry_wait_s=args.max_retry_wait,
         ),
         progress=progress,
+        grace_s=args.grace,
     )
 
 
@@ -442,13 +483,33 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command that continues this run (never with --overwrite)."""
+    return shlex.join(["batchrun", *(a for a in argv if a != "--overwrite")])
+
+
+def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .runner import run
 
     stats = run(_run_config(args))
+    if stats.stopped_by is not None:
+        print(stats.summary(), file=sys.stderr)
+        print(
+            f"batchrun: stopped by {stats.stopped_by}; results so far are saved."
+            f" Resume with:\n  {_resume_command(argv)}",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if stats.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
     if not args.quiet:
         print(stats.summary(), file=sys.stderr)
     return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ROWS
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .resume import status_report
+
+    print(status_report(args.output))
+    return EXIT_OK
 
 
 def _cmd_serve_mock(args: argparse.Namespace) -> int:
@@ -488,15 +549,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments without the program name; ``None`` reads ``sys.argv``.
     """
-    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
     error: BatchrunError
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "serve-mock":
             return _cmd_serve_mock(args)
-        return _cmd_run(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        return _cmd_run(args, argv)
     except KeyboardInterrupt:
-        print("batchrun: interrupted", file=sys.stderr)
+        print("batchrun: interrupted; finished results are saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ConfigError, InputError) as exc:
         code, error = EXIT_USAGE, exc

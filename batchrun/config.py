@@ -44,6 +44,7 @@ DEFAULT_MAX_RETRY_TIME_S = 900.0
 DEFAULT_MAX_RETRY_WAIT_S = 120.0
 DEFAULT_BACKOFF_BASE_S = 0.5
 DEFAULT_BACKOFF_MAX_S = 30.0
+DEFAULT_GRACE_S = 30.0
 
 # Body fields that shape a request; they are recorded in the manifest.
 SAMPLING_FIELDS = (
@@ -198,6 +199,9 @@ class OutputOptions:
         raw_response: Keep the raw response body in the ``response`` column.
         flush_rows: Write a part file at least every this many results.
         flush_interval_s: ... and at least this often while results arrive.
+        skip_failed: On resume, keep earlier error rows instead of retrying.
+        fsync: Force each journal write to disk (power loss), not just to
+            the operating system (process crash).
     """
 
     out_dir: Path
@@ -205,6 +209,8 @@ class OutputOptions:
     raw_response: bool = True
     flush_rows: int = DEFAULT_FLUSH_ROWS
     flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+    skip_failed: bool = False
+    fsync: bool = False
 
     def __post_init__(self) -> None:
         if self.flush_rows < 1:
@@ -295,6 +301,8 @@ class RunConfig:
         retry: The retry policy.
         progress: ``auto`` (a bar on a terminal, else a line every 10 s),
             ``bar``, ``lines`` or ``off``.
+        grace_s: On SIGINT/SIGTERM, how long requests in flight may finish
+            before they are cancelled.
     """
 
     inputs: tuple[Path, ...]
@@ -305,8 +313,11 @@ class RunConfig:
     limits: RateLimits = field(default_factory=RateLimits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress: ProgressMode = "auto"
+    grace_s: float = DEFAULT_GRACE_S
 
     def __post_init__(self) -> None:
+        if not self.grace_s >= 0:
+            raise ConfigError(f"grace must not be negative, got {self.grace_s}")
         if not self.inputs:
             raise ConfigError("no input files given")
         if not 1 <= self.concurrency <= 100_000:

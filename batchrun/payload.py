@@ -6,6 +6,7 @@ are ``InputError``s that name the field; the caller adds the file and line.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ __all__ = [
     "TokenEstimator",
     "endpoint_from_url",
     "is_batch_row",
+    "request_hash",
 ]
 
 BATCH_FIELDS = ("custom_id", "body")
@@ -52,6 +54,27 @@ def endpoint_from_url(url: object) -> Endpoint:
             return "completions"
     raise InputError(
         f"url must be /v1/completions or /v1/chat/completions, got {url!r}", field="url"
+    )
+
+
+def request_hash(endpoint: Endpoint, body: JSONObject) -> int:
+    """A stable 64-bit hash of what is sent (key order does not matter)."""
+    digest = hashlib.blake2b(
+        endpoint.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
+        digest_size=8,
+    ).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _record(
+    row_id: str,
+    endpoint: Endpoint,
+    body: JSONObject,
+    prompt: str,
+    extra: JSONObject | None,
+) -> PromptRecord:
+    return PromptRecord(
+        row_id, endpoint, body, prompt, extra, request_hash(endpoint, body)
     )
 
 
@@ -142,6 +165,12 @@ class RequestBuilder:
             return str(value)
         raise InputError(f"id must be a string or number, got {value!r}", field=column)
 
+    def is_positional(self, row: Mapping[str, Any]) -> bool:
+        """Whether ``row_id`` falls back to the row's position for this row."""
+        if self.options.id_column is not None:
+            return False
+        return row.get("id") is None and row.get("custom_id") is None
+
     def check(self, row: Mapping[str, Any]) -> None:
         """Validate a row cheaply, without rendering its template."""
         if self._template is not None and not is_batch_row(row):
@@ -227,7 +256,7 @@ class RequestBuilder:
         self, row: Mapping[str, Any], row_id: str, prompt: str
     ) -> PromptRecord:
         body: JSONObject = {"model": self._model(), "prompt": prompt, **self._params}
-        return PromptRecord(row_id, "completions", body, prompt, self._extra(row))
+        return _record(row_id, "completions", body, prompt, self._extra(row))
 
     def _chat(
         self, row: Mapping[str, Any], row_id: str, messages: list[JSONObject]
@@ -241,7 +270,7 @@ class RequestBuilder:
             **self._params,
         }
         text = orjson.dumps(messages).decode()
-        return PromptRecord(row_id, "chat", body, text, self._extra(row))
+        return _record(row_id, "chat", body, text, self._extra(row))
 
     def _build_batch(self, row: Mapping[str, Any], row_id: str) -> PromptRecord:
         method = row.get("method", "POST")
@@ -262,7 +291,7 @@ class RequestBuilder:
             if not isinstance(prompt, str):
                 raise InputError("must be a string", field="body.prompt")
             text = prompt
-        return PromptRecord(row_id, endpoint, body, text, self._extra(row))
+        return _record(row_id, endpoint, body, text, self._extra(row))
 
 
 # Before any usage is seen: English text runs about four characters a token.

@@ -53,6 +53,8 @@ class PromptRecord:
         body: The JSON request body, model included.
         prompt: The rendered prompt, or the messages as JSON text.
         extra: Input columns to carry into the result (``--keep-columns``).
+        request_hash: A 64-bit hash of endpoint and body; resume re-runs a row
+            whose request changed since it was answered.
     """
 
     id: str
@@ -60,6 +62,7 @@ class PromptRecord:
     body: JSONObject
     prompt: str
     extra: JSONObject | None = None
+    request_hash: int = 0
 
     @property
     def model(self) -> str:
@@ -112,6 +115,7 @@ class Result:
     finished_at: float
     extra: JSONObject | None = None
     log: AttemptLog | None = None
+    request_hash: int = 0
 
     @property
     def ok(self) -> bool:

@@ -2,19 +2,26 @@
 
 ::
 
-    reader --(stream, 2N)--> N workers --(stream, 2N)--> writer --> part files
+    reader --(stream, 2N)--> 2N workers (N in flight) --(stream, 2N)--> writer
+                                                                 |
+                                         journal (every result) -+- part files
 
 One task group owns every task; bounded streams give backpressure, so memory
-does not grow with the input. Blocking work (reading and writing Parquet)
-runs in threads. This module orchestrates; the pieces live in ``sources``,
-``payload``, ``client``, ``sinks`` and ``stats``.
+does not grow with the input. The writer appends every result to the journal
+before counting it, and rolls the journal into atomically written part files.
+Running the same command again resumes. This module orchestrates; the pieces
+live in ``scan``, ``payload``, ``calls``, ``journal``, ``sinks``, ``resume``
+and ``stats``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -25,29 +32,38 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .calls import Caller
+from .calls import Caller, failed_result
 from .client import APIClient
 from .config import RunConfig
-from .errors import (
-    BatchrunError,
-    CircuitBreakerError,
-    FatalAPIError,
-    InputError,
-)
+from .errors import BatchrunError, CircuitBreakerError, FatalAPIError, InputError
+from .journal import JOURNAL_DIR, Journal, read_segment, segments
 from .payload import RequestBuilder
 from .ratelimit import ConcurrencyLimit, RateLimiter
-from .records import PromptRecord, Result, Usage
+from .records import PromptRecord, Result
+from .resume import (
+    CompletedIndex,
+    check_compatible,
+    input_fingerprint,
+    load_manifest,
+    request_fingerprint,
+)
 from .retry import Retrier, Sleep
+from .scan import Scan, locate, scan_inputs
 from .sinks import (
     MANIFEST_FILE,
     USAGE_FILE,
     PartWriter,
-    infer_type,
-    prepare_output,
+    Row,
+    clear_output,
+    compact,
+    has_output,
+    list_parts,
+    open_output,
+    result_row,
     write_json,
     write_usage,
 )
-from .sources import IdSet, RowBatch, expand_inputs, iter_batches
+from .sources import RowBatch, expand_inputs, iter_batches
 from .stats import Clock, Progress, RunStats, StatsCollector, make_progress
 
 __all__ = ["MOCK_MODEL", "arun", "run"]
@@ -55,6 +71,7 @@ __all__ = ["MOCK_MODEL", "arun", "run"]
 MOCK_MODEL = "mock-model"
 _SHUTDOWN_FLUSH_S = 10.0
 _PROGRESS_TICK_S = 1.0
+_SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 def _version() -> str:
@@ -69,14 +86,22 @@ def _now_iso() -> str:
 
 
 def run(config: RunConfig) -> RunStats:
-    """Run a batch to completion and return its stats. Blocking.
+    """Run a batch to completion (or a graceful stop) and return its stats.
+
+    Blocking. From the main thread, SIGINT and SIGTERM stop the run gracefully
+    (see ``arun``).
 
     Raises:
         ConfigError, InputError: Before any request is sent.
         FatalAPIError: The endpoint refused the key, model or URL; run aborted.
         OutputError: Results could not be written; run aborted.
     """
-    return anyio.run(arun, config, backend="asyncio")
+    main = threading.current_thread() is threading.main_thread()
+    return anyio.run(_arun_signals if main else arun, config, backend="asyncio")
+
+
+async def _arun_signals(config: RunConfig) -> RunStats:
+    return await arun(config, handle_signals=True)
 
 
 async def arun(
@@ -84,6 +109,7 @@ async def arun(
     *,
     clock: Clock = time.monotonic,
     sleep: Sleep = anyio.sleep,
+    handle_signals: bool = False,
 ) -> RunStats:
     """Run a batch inside a running event loop (e.g. a notebook).
 
@@ -92,12 +118,16 @@ async def arun(
         clock: Monotonic seconds; with ``sleep``, injectable so that tests
             never wait out a real backoff.
         sleep: Awaitable sleep used for backoff and rate-limit waits.
+        handle_signals: Stop gracefully on SIGINT/SIGTERM: take no new rows,
+            let requests in flight finish for ``config.grace_s``, flush, and
+            return with ``stopped_by`` set. A second signal stops at once
+            (everything finished is already in the journal).
 
     Raises:
         The same as ``run``.
     """
     try:
-        return await _Run(config, clock, sleep).execute()
+        return await _Run(config, clock, sleep).execute(handle_signals)
     except BaseExceptionGroup as group:
         raise _primary(group) from None
 
@@ -120,16 +150,6 @@ def _primary(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group
 
 
-def _located(exc: InputError, batch: RowBatch, index: int) -> InputError:
-    return InputError(
-        exc.reason,
-        path=batch.path,
-        line=batch.numbers[index],
-        kind=batch.kind,
-        field=exc.field,
-    )
-
-
 class _CircuitBreaker:
     """Stops a run whose rows keep failing the same permanent way.
 
@@ -144,10 +164,10 @@ class _CircuitBreaker:
         self._error: str | None = None
         self._count = 0
 
-    def check(self, results: Sequence[Result]) -> None:
-        for result in results:
-            error = result.error
-            if result.status == "ok" or error is None:
+    def check(self, rows: list[Row]) -> None:
+        for row in rows:
+            error = row["error"]
+            if error is None:
                 self._error, self._count = None, 0
                 continue
             if not error.startswith("PermanentError"):
@@ -162,123 +182,60 @@ class _CircuitBreaker:
                 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Scan:
-    total: int
-    kept: dict[str, Any]
-
-
-def scan_inputs(files: Sequence[Path], builder: RequestBuilder) -> _Scan:
-    """One cheap pass over the input before anything is sent. Blocking.
-
-    Validates every row, counts them, checks ids are unique and learns the
-    types of kept columns.
-
-    Raises:
-        InputError: The first bad row, or a duplicate id naming both rows.
-    """
-    ids = IdSet()
-    keep = builder.options.keep_columns
-    kinds: dict[str, set[type]] = {name: set() for name in keep}
-    present: set[str] = set()
-    position = 0
-    for batch in iter_batches(files, columns=builder.columns()):
-        batch_ids = []
-        for index, row in enumerate(batch.rows):
-            try:
-                batch_ids.append(builder.row_id(row, position))
-                builder.check(row)
-            except InputError as exc:
-                raise _located(exc, batch, index) from None
-            position += 1
-            for name in keep:
-                if name in row:
-                    present.add(name)
-                    kinds[name].add(type(row[name]))
-        ids.add_many(batch_ids)
-    missing = [name for name in keep if name not in present and position]
-    if missing:
-        raise InputError(
-            "--keep-columns names a column no row has",
-            path=str(files[0]),
-            field=missing[0],
-        )
-    duplicate = ids.first_duplicate()
-    if duplicate is not None:
-        raise _duplicate_error(files, builder, duplicate)
-    return _Scan(total=position, kept={name: infer_type(kinds[name]) for name in keep})
-
-
-def _duplicate_error(
-    files: Sequence[Path], builder: RequestBuilder, wanted: str
-) -> InputError:
-    """Find the first two rows that share ``wanted`` and name both."""
-    first: str | None = None
-    position = 0
-    for batch in iter_batches(files, columns=builder.columns()):
-        for index, row in enumerate(batch.rows):
-            if builder.row_id(row, position) == wanted:
-                number = batch.numbers[index]
-                if first is not None:
-                    return InputError(
-                        f"duplicate id {wanted!r}, first at {first}",
-                        path=batch.path,
-                        line=number,
-                        kind=batch.kind,
-                        field=builder.options.id_column or "id",
-                    )
-                sep = ":" if batch.kind == "line" else " row "
-                first = f"{batch.path}{sep}{number}"
-            position += 1
-    return InputError(f"duplicate id {wanted!r}")  # pragma: no cover - found above
-
-
 class _Run:
     """The state of one run; ``execute`` drives it."""
 
     def __init__(self, config: RunConfig, clock: Clock, sleep: Sleep) -> None:
         if config.endpoint.mock and config.request.model is None:
-            config = dataclasses.replace(
-                config, request=dataclasses.replace(config.request, model=MOCK_MODEL)
-            )
+            request = dataclasses.replace(config.request, model=MOCK_MODEL)
+            config = dataclasses.replace(config, request=request)
         self.config = config
         self.clock = clock
         self.sleep = sleep
-        self.caller: Caller | None = None
-        self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
-        self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock)
-        self.circuit = _CircuitBreaker()
         self.out_dir = config.output.out_dir
         self.builder = RequestBuilder(config.request)
         self.stats = StatsCollector(clock)
-        self.started_iso = _now_iso()
-        self.total: int | None = None
-        self.sink: PartWriter | None = None
-        self.parts_written = 0
+        self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
+        self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock)
+        self.circuit = _CircuitBreaker()
+        self.caller: Caller | None = None
         self.progress: Progress | None = None
+        self.started_iso = _now_iso()
+        self.files: list[Path] = []
+        self.scan: Scan | None = None
+        self.sink: PartWriter | None = None
+        self.journal: Journal | None = None
+        self.index: CompletedIndex | None = None
+        self.buffer: list[Row] = []
+        self.handed_over = 0
+        self.durable_stats: dict[str, Any] = self.stats.dump()
+        self.parts_through = -1
+        self.manifest: dict[str, Any] = {}
+        self.resumed = False
+        self.skipped = self.retried = self.new = 0
+        self.stopped_by: str | None = None
+        self.abandon = False
+        self.reader_scope = anyio.CancelScope()
+        self.workers_scope = anyio.CancelScope()
 
-    async def execute(self) -> RunStats:
+    # -- setting up ---------------------------------------------------------
+
+    async def execute(self, handle_signals: bool) -> RunStats:
         cfg = self.config
-        files = expand_inputs(cfg.inputs)
-        scan = await anyio.to_thread.run_sync(scan_inputs, files, self.builder)
-        self.total = scan.total
-        self.files = files
-        results_dir = prepare_output(self.out_dir, overwrite=cfg.output.overwrite)
-        self.sink = PartWriter(
-            results_dir, kept=scan.kept, raw_response=cfg.output.raw_response
+        self.files = expand_inputs(cfg.inputs)
+        self.scan = scan = await anyio.to_thread.run_sync(
+            scan_inputs, self.files, self.builder
         )
-        self._write_manifest("running")
-        status = "aborted"
-        error: str | None = None
+        await anyio.to_thread.run_sync(self._open_output, scan)
+        status, error = "aborted", None
         try:
             async with AsyncExitStack() as stack:
                 base_url = cfg.endpoint.base_url
                 if cfg.endpoint.mock:
                     from .simulator import start_simulator
 
-                    base_url = (
-                        await stack.enter_async_context(start_simulator())
-                    ).base_url
+                    sim = await stack.enter_async_context(start_simulator())
+                    base_url = sim.base_url
                 assert base_url is not None
                 client = await stack.enter_async_context(
                     APIClient(
@@ -300,76 +257,195 @@ class _Run:
                 self.progress = make_progress(
                     cfg.progress, scan.total, clock=self.clock, note=self._note
                 )
-                await self._pipeline()
-            status = "finished"
+                await self._pipeline(handle_signals)
+            status = "interrupted" if self.stopped_by else "finished"
         except BaseException as exc:
-            status = (
-                "interrupted"
-                if isinstance(exc, KeyboardInterrupt | anyio.get_cancelled_exc_class())
-                else "aborted"
-            )
+            interrupted = KeyboardInterrupt | anyio.get_cancelled_exc_class()
+            status = "interrupted" if isinstance(exc, interrupted) else "aborted"
             error = str(_primary(exc) if isinstance(exc, BaseExceptionGroup) else exc)
             raise
         finally:
             if self.progress is not None:
                 self.progress.close(self.stats)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._finish, status, error)
-        return RunStats.from_collector(self.stats, self.out_dir)
+            if self.journal is not None:
+                self.journal.close()
+            if not self.abandon:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._finish, status, error)
+        return RunStats.from_collector(
+            self.stats,
+            self.out_dir,
+            skipped=self.skipped,
+            retried=self.retried,
+            new=self.new,
+            stopped_by=self.stopped_by,
+        )
+
+    def _open_output(self, scan: Scan) -> None:
+        """Start afresh or resume; roll any leftover journal into parts. Blocking."""
+        cfg = self.config
+        out = self.out_dir
+        fingerprint = request_fingerprint(cfg)
+        inputs = input_fingerprint(self.files)
+        previous = None
+        if cfg.output.overwrite:
+            clear_output(out)
+        else:
+            previous = load_manifest(out)
+            if previous is None and has_output(out):
+                raise InputError(
+                    f"{out} holds results but no manifest.json; pass --overwrite"
+                )
+        if previous is not None:
+            check_compatible(
+                previous, fingerprint, inputs, positional=scan.positional, out_dir=out
+            )
+        results_dir = open_output(out)
+        self.sink = PartWriter(results_dir, kept=scan.kept)
+        self.manifest = {
+            "batchrun_version": _version(),
+            "status": "running",
+            "error": None,
+            "pid": os.getpid(),
+            "inputs": [str(p) for p in cfg.inputs],
+            "request": cfg.request.shaping(),
+            "keep_columns": list(cfg.request.keep_columns),
+            "fingerprint": fingerprint,
+            "input_files": inputs,
+            "endpoint": "mock" if cfg.endpoint.mock else cfg.endpoint.base_url,
+            "raw_response": cfg.output.raw_response,
+            "concurrency": cfg.concurrency,
+            "first_started_at": self.started_iso,
+            "started_at": self.started_iso,
+            "finished_at": None,
+            "runs": 1,
+            "resumed": False,
+            "parts_through": -1,
+        }
+        if previous is not None:
+            self.resumed = True
+            self.stats.restore(previous.get("stats", {}))
+            self.durable_stats = self.stats.dump()
+            self.parts_through = int(previous.get("parts_through", -1))
+            self.manifest["first_started_at"] = previous.get(
+                "first_started_at", self.started_iso
+            )
+            self.manifest["runs"] = int(previous.get("runs", 1)) + 1
+            self.manifest["resumed"] = True
+        next_part = self._recover_journal()
+        if self.resumed:
+            self.index = CompletedIndex(results_dir)
+        self.journal = Journal(out / JOURNAL_DIR, next_part, fsync=cfg.output.fsync)
+        self._write_manifest("running")
+
+    def _recover_journal(self) -> int:
+        """Roll journal segments not yet in parts into parts; the next number."""
+        sink = self.sink
+        assert sink is not None
+        journal_dir = self.out_dir / JOURNAL_DIR
+        for number, path in segments(journal_dir):
+            if number > self.parts_through:
+                rows = list(read_segment(path))
+                if rows:
+                    sink.write(number, rows)
+                    self.stats.record(rows)
+                    self.parts_through = number
+                    self.durable_stats = self.stats.dump()
+                    self._write_manifest("running")
+            path.unlink()
+        last = max((n for n, _ in list_parts(sink.results_dir)), default=-1)
+        self.parts_through = max(self.parts_through, last)
+        return self.parts_through + 1
 
     def _finish(self, status: str, error: str | None) -> None:
+        """Compact a complete run, then write usage and the manifest. Blocking."""
+        sink = self.sink
+        if sink is None:
+            return  # failed before the output was opened
+        if status == "finished":
+            compact(sink.results_dir, sink.schema, dedupe=self.resumed)
+            last = max((n for n, _ in list_parts(sink.results_dir)), default=-1)
+            self.parts_through = max(self.parts_through, last)
         write_usage(self.out_dir / USAGE_FILE, self.stats.usage_rows())
         self._write_manifest(status, error)
 
     def _write_manifest(self, status: str, error: str | None = None) -> None:
-        cfg = self.config
         t = self.stats.total
-        write_json(
-            self.out_dir / MANIFEST_FILE,
-            {
-                "batchrun_version": _version(),
-                "status": status,
-                "error": error,
-                "inputs": [str(p) for p in cfg.inputs],
-                "endpoint": "mock" if cfg.endpoint.mock else cfg.endpoint.base_url,
-                "request": cfg.request.shaping(),
-                "keep_columns": list(cfg.request.keep_columns),
-                "raw_response": cfg.output.raw_response,
-                "concurrency": cfg.concurrency,
-                "started_at": self.started_iso,
-                "finished_at": None if status == "running" else _now_iso(),
-                "counts": {
-                    "input_rows": self.total,
-                    "rows": t.requests,
-                    "succeeded": t.succeeded,
-                    "failed": t.failed,
-                    "attempts": t.attempts,
-                    "prompt_tokens": t.prompt_tokens,
-                    "completion_tokens": t.completion_tokens,
-                    "total_tokens": t.total_tokens,
-                },
+        scan = self.scan
+        self.manifest.update(
+            status=status,
+            error=error,
+            finished_at=None if status == "running" else _now_iso(),
+            parts_through=self.parts_through,
+            # The counts of rows in part files only: on resume, rows still in
+            # the journal are rolled into parts and counted then.
+            stats=self.durable_stats,
+            counts={
+                "input_rows": None if scan is None else scan.total,
+                "skipped": self.skipped,
+                "retried": self.retried,
+                "new": self.new,
+                "rows": t.requests,
+                "succeeded": t.succeeded,
+                "failed": t.failed,
+                "attempts": t.attempts,
+                "prompt_tokens": t.prompt_tokens,
+                "completion_tokens": t.completion_tokens,
+                "total_tokens": t.total_tokens,
             },
         )
+        write_json(self.out_dir / MANIFEST_FILE, self.manifest)
 
-    async def _pipeline(self) -> None:
+    # -- the pipeline -------------------------------------------------------
+
+    async def _pipeline(self, handle_signals: bool) -> None:
         n = self.config.concurrency
         records_in, records_out = anyio.create_memory_object_stream[PromptRecord](2 * n)
         results_in, results_out = anyio.create_memory_object_stream[Result](2 * n)
         async with anyio.create_task_group() as outer:
             if self.config.progress != "off":
                 outer.start_soon(self._show_progress)
+            if handle_signals:
+                outer.start_soon(self._watch_signals, outer)
             async with anyio.create_task_group() as tg:
                 async with records_in, records_out, results_in:
                     tg.start_soon(self._read, records_in.clone(), results_in.clone())
-                    # Twice as many workers as slots: a row waiting out its
-                    # backoff holds a worker but no slot, so fresh rows keep
-                    # the slots busy and retries interleave with new work.
-                    for _ in range(2 * n):
-                        tg.start_soon(
-                            self._work, records_out.clone(), results_in.clone()
-                        )
+                    tg.start_soon(
+                        self._work_all, records_out.clone(), results_in.clone()
+                    )
                 tg.start_soon(self._write, results_out)
             outer.cancel_scope.cancel()
+
+    async def _work_all(
+        self,
+        records: MemoryObjectReceiveStream[PromptRecord],
+        results: MemoryObjectSendStream[Result],
+    ) -> None:
+        """The workers, in a scope that a graceful stop cancels after the grace."""
+        with self.workers_scope:
+            async with records, results, anyio.create_task_group() as tg:
+                # Twice as many workers as slots: a row waiting out its backoff
+                # holds a worker but no slot, so fresh rows keep the slots busy
+                # and retries interleave with new work.
+                for _ in range(2 * self.config.concurrency):
+                    tg.start_soon(self._work, records.clone(), results.clone())
+
+    async def _watch_signals(self, outer: anyio.abc.TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.stopped_by is not None:
+                    # A second signal: stop now. Every finished result is
+                    # already in the journal; the next run rolls it into parts.
+                    self.abandon = True
+                    outer.cancel_scope.cancel()
+                    return
+                self.stopped_by = _SIGNAL_NAMES.get(signum, str(signum))
+                self.reader_scope.cancel()
+                outer.start_soon(self._end_grace)
+
+    async def _end_grace(self) -> None:
+        await anyio.sleep(self.config.grace_s)
+        self.workers_scope.cancel()
 
     async def _show_progress(self) -> None:
         progress = self.progress
@@ -378,76 +454,80 @@ class _Run:
             await anyio.sleep(_PROGRESS_TICK_S)
             progress.refresh(self.stats)
 
-    def _next_batch(
-        self, batches: Iterator[RowBatch], position: int
-    ) -> tuple[list[PromptRecord | Result], int] | None:
-        """Build the records of the next input batch. Runs in a thread."""
-        batch = next(batches, None)
-        if batch is None:
-            return None
-        builder = self.builder
-        out: list[PromptRecord | Result] = []
-        for index, row in enumerate(batch.rows):
-            row_id = builder.row_id(row, position)
-            position += 1
-            try:
-                out.append(builder.build(row, row_id))
-            except InputError as exc:
-                # The scan passed, so this is a render-time failure: a failed row.
-                out.append(
-                    self._input_failure(row_id, str(_located(exc, batch, index)))
-                )
-        return out, position
-
     def _note(self) -> str:
         """Limiter state for the progress display."""
         note = f"conc={self.concurrency.limit}"
         waiting = self.limiter.waiting()
         if waiting > 0:
             note += f" waiting {waiting:.0f}s (rate limit)"
+        if self.stopped_by is not None:
+            note += f" stopping ({self.stopped_by})"
         return note
 
+    def _next_batch(
+        self, batches: Iterator[RowBatch], position: int
+    ) -> tuple[list[PromptRecord | Result], int] | None:
+        """Build the records of the next input batch, minus done ones. In a thread."""
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        builder = self.builder
+        index = self.index
+        skip_failed = self.config.output.skip_failed
+        out: list[PromptRecord | Result] = []
+        for offset, row in enumerate(batch.rows):
+            row_id = builder.row_id(row, position)
+            position += 1
+            try:
+                record = builder.build(row, row_id)
+            except InputError as exc:
+                # The scan passed, so this failed while rendering: a failed row.
+                message = str(locate(exc, batch, offset))
+                out.append(self._input_failure(row_id, message))
+                continue
+            if index is not None:
+                prior = index.lookup(row_id)
+                if prior is not None:
+                    same = prior.request_hash == record.request_hash
+                    if same and (prior.ok or skip_failed):
+                        self.skipped += 1
+                        continue
+                    self.retried += 1
+                else:
+                    self.new += 1
+            else:
+                self.new += 1
+            out.append(record)
+        return out, position
+
     def _input_failure(self, row_id: str, message: str) -> Result:
-        now = time.time()
-        return Result(
-            id=row_id,
-            status="error",
-            endpoint=self.config.request.endpoint or "completions",
-            model=self.config.request.model or "",
-            prompt="",
-            completion=None,
-            choices=None,
-            finish_reason=None,
-            usage=Usage(),
-            response=None,
-            http_status=None,
-            attempts=0,
-            latency_s=0.0,
-            error=f"InputError: {message}",
-            started_at=now,
-            finished_at=now,
-        )
+        request = self.config.request
+        body = {} if request.model is None else {"model": request.model}
+        record = PromptRecord(row_id, request.endpoint or "completions", body, "")
+        return failed_result(record, f"InputError: {message}")
 
     async def _read(
         self,
         records: MemoryObjectSendStream[PromptRecord],
         results: MemoryObjectSendStream[Result],
     ) -> None:
-        async with records, results:
-            batches = iter_batches(self.files, columns=self.builder.columns())
-            position = 0
-            while True:
-                built = await anyio.to_thread.run_sync(
-                    self._next_batch, batches, position
-                )
-                if built is None:
-                    return
-                items, position = built
-                for item in items:
-                    if isinstance(item, Result):
-                        await results.send(item)
-                    else:
-                        await records.send(item)
+        with self.reader_scope:
+            async with records, results:
+                batches = iter_batches(self.files, columns=self.builder.columns())
+                position = 0
+                while True:
+                    built = await anyio.to_thread.run_sync(
+                        self._next_batch, batches, position
+                    )
+                    if built is None:
+                        return
+                    items, position = built
+                    self.stats.skipped = self.skipped
+                    for item in items:
+                        if isinstance(item, Result):
+                            await results.send(item)
+                        else:
+                            await records.send(item)
 
     async def _work(
         self,
@@ -458,25 +538,39 @@ class _Run:
         assert caller is not None
         async with records, results:
             async for record in records:
+                if self.stopped_by is not None:
+                    continue  # stopping: rows not yet started wait for the resume
                 await results.send(await caller.call(record))
 
+    # -- writing ------------------------------------------------------------
+
     async def _write(self, results: MemoryObjectReceiveStream[Result]) -> None:
-        sink = self.sink
+        """Journal every result as it arrives; hand full buffers to the roller.
+
+        Part files are written by ``_roll_parts`` while journaling goes on, so
+        a slow part write never delays making a result durable.
+        """
+        sink, journal = self.sink, self.journal
         assert sink is not None
+        assert journal is not None
         interval = self.config.output.flush_interval_s
         limit = self.config.output.flush_rows
+        raw = self.config.output.raw_response
+        kept_names = sink.kept_names
         deadline = anyio.current_time() + interval
-        async with results:
-            try:
+        rolls_in, rolls_out = anyio.create_memory_object_stream[_Roll](1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._roll_parts, rolls_out)
+            async with rolls_in, results:
                 while True:
                     try:
                         first = await _receive(
-                            results, deadline if sink.pending else None
+                            results, deadline if self.buffer else None
                         )
                     except anyio.EndOfStream:
                         break
-                    if first is None:  # the flush interval passed with results pending
-                        await self._flush()
+                    if first is None:  # the flush interval passed with rows pending
+                        await self._hand_over(rolls_in)
                         deadline = anyio.current_time() + interval
                         continue
                     batch = [first]
@@ -485,26 +579,56 @@ class _Run:
                             batch.append(results.receive_nowait())
                         except (anyio.WouldBlock, anyio.EndOfStream):
                             break
-                    sink.add(batch)
-                    self.stats.record(batch)
-                    self.circuit.check(batch)
-                    if sink.pending >= limit or anyio.current_time() >= deadline:
-                        await self._flush()
+                    rows = [
+                        result_row(r, raw=raw, kept_names=kept_names) for r in batch
+                    ]
+                    # On disk (to the OS) before anything counts it as done.
+                    journal.append(rows)
+                    self.buffer.extend(rows)
+                    self.stats.record(rows)
+                    self.circuit.check(rows)
+                    if len(self.buffer) >= limit or anyio.current_time() >= deadline:
+                        await self._hand_over(rolls_in)
                         deadline = anyio.current_time() + interval
-                await self._flush(final=True)
-            except BaseException:
-                with anyio.move_on_after(_SHUTDOWN_FLUSH_S, shield=True):
-                    await self._flush()
-                raise
+                await self._hand_over(rolls_in, final=True)
 
-    async def _flush(self, *, final: bool = False) -> None:
-        sink = self.sink
-        assert sink is not None
-        if not sink.pending and not (final and self.parts_written == 0):
+    async def _hand_over(
+        self, rolls: MemoryObjectSendStream[_Roll], *, final: bool = False
+    ) -> None:
+        """Close the current journal segment and queue its rows for a part."""
+        journal = self.journal
+        assert journal is not None
+        empty_output = final and self.handed_over == 0 and self.parts_through < 0
+        if not self.buffer and not empty_output:
             return
-        number, rows = sink.take()
-        await anyio.to_thread.run_sync(sink.write, number, rows)
-        self.parts_written += 1
+        rows, self.buffer = self.buffer, []
+        number = journal.number
+        journal.rotate(number + 1)
+        self.handed_over += 1
+        await rolls.send((number, rows, self.stats.dump()))
+
+    async def _roll_parts(self, rolls: MemoryObjectReceiveStream[_Roll]) -> None:
+        async with rolls:
+            async for number, rows, snapshot in rolls:
+                await anyio.to_thread.run_sync(self._roll, number, rows, snapshot)
+
+    def _roll(self, number: int, rows: list[Row], snapshot: dict[str, Any]) -> None:
+        """Part file, then manifest, then drop the segment. In a thread.
+
+        The order makes every crash recoverable: a segment whose part exists is
+        either rewritten identically or, once the manifest counts it, deleted.
+        """
+        sink, journal = self.sink, self.journal
+        assert sink is not None
+        assert journal is not None
+        sink.write(number, rows)
+        self.parts_through = number
+        self.durable_stats = snapshot
+        self._write_manifest("running")
+        journal.discard(number)
+
+
+_Roll = tuple[int, list[Row], dict[str, Any]]
 
 
 async def _receive(

@@ -10,29 +10,46 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, OutputError
+from .errors import OutputError
+from .journal import JOURNAL_DIR
 from .records import Result
 
 __all__ = [
+    "LOG_KEY",
+    "MANIFEST_FILE",
     "RESULTS_DIR",
     "RESULT_SCHEMA",
+    "USAGE_FILE",
     "USAGE_SCHEMA",
     "PartWriter",
+    "Row",
+    "clear_output",
+    "compact",
+    "has_output",
     "infer_type",
-    "prepare_output",
+    "list_parts",
+    "open_output",
+    "read_parts",
+    "result_row",
     "write_json",
     "write_usage",
 ]
 
 RESULTS_DIR = "results"
+LOG_KEY = "_log"
+DEFAULT_COMPACT_ROWS = 250_000
+Row = dict[str, Any]
 USAGE_FILE = "usage.parquet"
 MANIFEST_FILE = "manifest.json"
 
@@ -60,6 +77,7 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("started_at", _TS),
         ("finished_at", _TS),
+        ("request_hash", pa.int64()),
     ]
 )
 USAGE_SCHEMA = pa.schema(
@@ -128,93 +146,214 @@ def kept_name(name: str, taken: Iterable[str] = RESULT_SCHEMA.names) -> str:
     return f"input_{name}" if name in set(taken) else name
 
 
-class PartWriter:
-    """Buffers results as columns and writes them as numbered part files.
+def result_row(result: Result, *, raw: bool, kept_names: Mapping[str, str]) -> Row:
+    """The row a result becomes: one journal line, one row of a part file.
 
-    ``add`` runs on the event loop and is cheap; ``take`` hands the buffer over
-    and ``write`` (blocking, run it in a thread) turns it into a part file.
+    Timestamps are float epoch seconds here. ``_log`` (not a column) keeps what
+    the usage table needs about retried attempts.
+    """
+    usage = result.usage
+    row: Row = {
+        "id": result.id,
+        "status": result.status,
+        "endpoint": result.endpoint,
+        "model": result.model,
+        "prompt": result.prompt,
+        "completion": result.completion,
+        "choices": result.choices,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "response": result.response if raw else None,
+        "http_status": result.http_status,
+        "attempts": result.attempts,
+        "latency_s": result.latency_s,
+        "error": result.error,
+        "started_at": result.started_at,
+        "finished_at": result.finished_at,
+        "request_hash": result.request_hash,
+    }
+    extra = result.extra
+    if kept_names:
+        for name, column in kept_names.items():
+            row[column] = None if extra is None else extra.get(name)
+    log = result.log
+    if log is not None:
+        row[LOG_KEY] = [
+            log.rate_limited,
+            log.server_errors,
+            log.timeouts,
+            log.billed_prompt_tokens,
+            log.billed_completion_tokens,
+        ]
+    return row
+
+
+class PartWriter:
+    """Turns rows into numbered, atomically written part files.
 
     Args:
         results_dir: ``OUT/results``.
         kept: Kept input columns and their Arrow types, in output order.
-        raw_response: Keep the raw response body.
-        first_part: The number of the first part to write.
     """
 
     def __init__(
-        self,
-        results_dir: Path,
-        *,
-        kept: Mapping[str, pa.DataType] | None = None,
-        raw_response: bool = True,
-        first_part: int = 0,
+        self, results_dir: Path, *, kept: Mapping[str, pa.DataType] | None = None
     ) -> None:
         self.results_dir = results_dir
-        self._kept = dict(kept or {})
-        self.schema = result_schema(self._kept)
-        self._raw = raw_response
-        self._next_part = first_part
-        self._rows: list[Result] = []
+        kept = dict(kept or {})
+        self.kept_names = {name: kept_name(name) for name in kept}
+        self._kept_types = {self.kept_names[n]: t for n, t in kept.items()}
+        self.schema = result_schema(kept)
 
-    @property
-    def pending(self) -> int:
-        """Results added but not yet taken."""
-        return len(self._rows)
-
-    def add(self, results: Sequence[Result]) -> None:
-        """Buffer results."""
-        self._rows.extend(results)
-
-    def take(self) -> tuple[int, list[Result]]:
-        """Hand over the buffered results with the part number they will get."""
-        rows, self._rows = self._rows, []
-        number = self._next_part
-        self._next_part += 1
-        return number, rows
-
-    def table(self, rows: Sequence[Result]) -> pa.Table:
-        """The results as an Arrow table of ``self.schema``."""
-        columns: dict[str, list[Any]] = {
-            "id": [r.id for r in rows],
-            "status": [r.status for r in rows],
-            "endpoint": [r.endpoint for r in rows],
-            "model": [r.model for r in rows],
-            "prompt": [r.prompt for r in rows],
-            "completion": [r.completion for r in rows],
-            "choices": [r.choices for r in rows],
-            "finish_reason": [r.finish_reason for r in rows],
-            "prompt_tokens": [r.usage.prompt_tokens for r in rows],
-            "completion_tokens": [r.usage.completion_tokens for r in rows],
-            "total_tokens": [r.usage.total_tokens for r in rows],
-            "response": [r.response for r in rows] if self._raw else [None] * len(rows),
-            "http_status": [r.http_status for r in rows],
-            "attempts": [r.attempts for r in rows],
-            "latency_s": [r.latency_s for r in rows],
-            "error": [r.error for r in rows],
-            "started_at": [int(r.started_at * 1_000_000) for r in rows],
-            "finished_at": [int(r.finished_at * 1_000_000) for r in rows],
-        }
+    def table(self, rows: Sequence[Row]) -> pa.Table:
+        """The rows as an Arrow table of ``self.schema``."""
         arrays = []
-        for field in RESULT_SCHEMA:
-            values = columns[field.name]
+        for field in self.schema:
+            name = field.name
+            values = [r.get(name) for r in rows]
             if field.type == _TS:
-                arrays.append(pa.array(values, pa.int64()).cast(_TS))
+                micros = [None if v is None else int(v * 1_000_000) for v in values]
+                arrays.append(pa.array(micros, pa.int64()).cast(_TS))
+            elif name in self._kept_types:
+                arrays.append(pa.array(_to_column(values, field.type), field.type))
             else:
                 arrays.append(pa.array(values, field.type))
-        for name, type_ in self._kept.items():
-            values = [None if r.extra is None else r.extra.get(name) for r in rows]
-            arrays.append(pa.array(_to_column(values, type_), type_))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
-    def write(self, number: int, rows: Sequence[Result]) -> Path:
-        """Write one part file atomically. Blocking.
+    def write(self, number: int, rows: Sequence[Row]) -> Path:
+        """Write part ``number`` atomically. Blocking.
 
         Raises:
             OutputError: The file cannot be written.
         """
-        path = self.results_dir / f"part-{number:05d}.parquet"
-        atomic_write(path, lambda tmp: pq.write_table(self.table(rows), tmp))
+        path = part_path(self.results_dir, number)
+        table = self.table(rows)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
         return path
+
+
+def part_path(results_dir: Path, number: int) -> Path:
+    """The path of part ``number``."""
+    return results_dir / f"part-{number:05d}.parquet"
+
+
+def list_parts(results_dir: Path) -> list[tuple[int, Path]]:
+    """The part files, in the order they were written."""
+    if not results_dir.is_dir():
+        return []
+    found = []
+    for path in results_dir.iterdir():
+        name = path.name
+        if name.startswith("part-") and name.endswith(".parquet"):
+            digits = name[5:-8]
+            if digits.isdigit():
+                found.append((int(digits), path))
+    return sorted(found)
+
+
+def read_parts(results_dir: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """Some columns of every part, in order. Blocking."""
+    for _, path in list_parts(results_dir):
+        try:
+            yield pq.read_table(path, columns=list(columns))
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot read {path}: {exc}") from exc
+
+
+def _latest_positions(results_dir: Path) -> tuple[array[int], int]:
+    """Global row positions that hold each id's latest result, ascending."""
+    ids = pa.chunked_array(
+        [t.column("id").combine_chunks() for t in read_parts(results_dir, ["id"])],
+        pa.string(),
+    )
+    total = len(ids)
+    if total == 0:
+        return array("q"), 0
+    # A stable sort keeps each id's occurrences in write order: the last of
+    # each run of equal ids is its latest result.
+    order = pc.sort_indices(pa.table({"id": ids}), sort_keys=[("id", "ascending")])
+    ordered = ids.take(order)
+    last = pc.not_equal(ordered[:-1], ordered[1:]).combine_chunks()
+    mask = pa.concat_arrays([last, pa.array([True])])
+    keep = pc.sort_indices(order.filter(mask))
+    positions = order.filter(mask).take(keep)
+    return array("q", positions.cast(pa.int64()).to_pylist()), total
+
+
+def compact(
+    results_dir: Path,
+    schema: pa.Schema,
+    *,
+    dedupe: bool,
+    target_rows: int = DEFAULT_COMPACT_ROWS,
+) -> int:
+    """Rewrite the parts as few large files, each id once (latest wins). Blocking.
+
+    New files are written under hidden names, then renamed after the last
+    existing part, then the old parts are deleted; a crash in between leaves
+    duplicates that the latest-wins rule resolves, never a loss.
+
+    Args:
+        results_dir: ``OUT/results``.
+        schema: The parts' schema.
+        dedupe: Some ids may occur more than once (the output was resumed).
+        target_rows: Rows per compacted file.
+
+    Returns:
+        The number of part files afterwards.
+    """
+    parts = list_parts(results_dir)
+    if not parts:
+        return 0
+    keep: array[int] | None = None
+    if dedupe:
+        keep, total = _latest_positions(results_dir)
+        if len(keep) == total:
+            keep = None
+    sizes = [pq.ParquetFile(p).metadata.num_rows for _, p in parts]
+    if keep is None and (len(parts) == 1 or max(sizes) >= target_rows):
+        return len(parts)
+    temps: list[Path] = []
+    writer: pq.ParquetWriter | None = None
+    written = 0
+    try:
+        offset = 0
+        for _, path in parts:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+                table = pa.Table.from_batches([batch]).cast(schema)
+                if keep is not None:
+                    lo = bisect_left(keep, offset)
+                    hi = bisect_left(keep, offset + len(table))
+                    picked = [p - offset for p in keep[lo:hi]]
+                    table = table.take(pa.array(picked, pa.int64()))
+                offset += batch.num_rows
+                if not len(table):
+                    continue
+                if writer is None or written >= target_rows:
+                    if writer is not None:
+                        writer.close()
+                    temps.append(results_dir / f".compact-{len(temps):05d}.tmp")
+                    writer = pq.ParquetWriter(temps[-1], schema)
+                    written = 0
+                writer.write_table(table)
+                written += len(table)
+        if writer is not None:
+            writer.close()
+            writer = None
+        first = parts[-1][0] + 1
+        for index, temp in enumerate(temps):
+            os.replace(temp, part_path(results_dir, first + index))
+        for _, path in parts:
+            path.unlink()
+    except (OSError, pa.ArrowException) as exc:
+        if writer is not None:
+            writer.close()
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise OutputError(f"cannot compact {results_dir}: {exc}") from exc
+    return len(temps)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -244,30 +383,43 @@ def write_usage(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def prepare_output(out_dir: Path, *, overwrite: bool) -> Path:
-    """Create ``OUT`` and ``OUT/results``; refuse to mix with earlier results.
+def has_output(out_dir: Path) -> bool:
+    """Whether ``OUT`` already holds a run (a manifest, results or a journal)."""
+    if (out_dir / MANIFEST_FILE).exists():
+        return True
+    return any(
+        (out_dir / sub).is_dir() and any((out_dir / sub).iterdir())
+        for sub in (RESULTS_DIR, JOURNAL_DIR)
+    )
+
+
+def clear_output(out_dir: Path) -> None:
+    """Delete what batchrun wrote in ``OUT`` (``--overwrite``); nothing else.
+
+    Raises:
+        OutputError: Something could not be deleted.
+    """
+    try:
+        for sub in (RESULTS_DIR, JOURNAL_DIR):
+            if (out_dir / sub).exists():
+                shutil.rmtree(out_dir / sub)
+        for name in (USAGE_FILE, MANIFEST_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot clear {out_dir}: {exc.strerror or exc}") from exc
+
+
+def open_output(out_dir: Path) -> Path:
+    """Create ``OUT/results`` and check that ``OUT`` is writable.
 
     Returns:
         The results directory.
 
     Raises:
         OutputError: The directory cannot be created or written.
-        ConfigError: ``OUT`` holds results and ``overwrite`` is false.
     """
     results = out_dir / RESULTS_DIR
-    earlier = (out_dir / MANIFEST_FILE).exists() or (
-        results.is_dir() and any(results.iterdir())
-    )
-    if earlier and not overwrite:
-        raise ConfigError(
-            f"{out_dir} already holds results; pass --overwrite to replace them"
-        )
     try:
-        if earlier:
-            if results.exists():
-                shutil.rmtree(results)
-            for name in (USAGE_FILE, MANIFEST_FILE):
-                (out_dir / name).unlink(missing_ok=True)
         results.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".batchrun-write-test"
         probe.write_bytes(b"")

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from tqdm import tqdm
 
-from .records import Result
+from .sinks import LOG_KEY
 
 __all__ = [
     "Clock",
@@ -33,6 +33,20 @@ __all__ = [
 
 Clock = Callable[[], float]
 
+_COUNTERS = (
+    "requests",
+    "succeeded",
+    "failed",
+    "attempts",
+    "retries",
+    "rate_limited",
+    "server_errors",
+    "timeouts",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+)
+
 # Latencies go into logarithmic bins 1 % wide: constant memory, <= 0.5 % error.
 _BINS_PER_E = 100
 
@@ -40,22 +54,22 @@ _BINS_PER_E = 100
 class LatencyHistogram:
     """Approximate latency quantiles in constant memory."""
 
-    __slots__ = ("_bins", "count")
+    __slots__ = ("bins", "count")
 
     def __init__(self) -> None:
-        self._bins: dict[int, int] = {}
+        self.bins: dict[int, int] = {}
         self.count = 0
 
     def add(self, seconds: float) -> None:
         """Record one latency."""
         key = math.floor(math.log(max(seconds, 1e-6)) * _BINS_PER_E)
-        self._bins[key] = self._bins.get(key, 0) + 1
+        self.bins[key] = self.bins.get(key, 0) + 1
         self.count += 1
 
     def merge(self, other: LatencyHistogram) -> None:
         """Add another histogram's counts to this one."""
-        for key, n in other._bins.items():
-            self._bins[key] = self._bins.get(key, 0) + n
+        for key, n in other.bins.items():
+            self.bins[key] = self.bins.get(key, 0) + n
         self.count += other.count
 
     def quantile(self, q: float) -> float | None:
@@ -64,8 +78,8 @@ class LatencyHistogram:
             return None
         rank = q * (self.count - 1)
         seen = 0
-        for key in sorted(self._bins):
-            seen += self._bins[key]
+        for key in sorted(self.bins):
+            seen += self.bins[key]
             if seen > rank:
                 return math.exp((key + 0.5) / _BINS_PER_E)
         return None  # pragma: no cover - unreachable for 0 <= q <= 1
@@ -88,32 +102,48 @@ class GroupStats:
     total_tokens: int = 0
     latencies: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    def add(self, result: Result) -> None:
-        """Count one result."""
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Count one result row (see ``sinks.result_row``)."""
         self.requests += 1
-        if result.status == "ok":
+        if row["status"] == "ok":
             self.succeeded += 1
         else:
             self.failed += 1
-        self.attempts += result.attempts
-        log = result.log
+        attempts = row["attempts"]
+        self.attempts += attempts
+        log = row.get(LOG_KEY)
         if log is None:
-            # One clean attempt: what was billed is the row's own usage.
-            usage = result.usage
-            prompt = usage.prompt_tokens or 0
-            completion = usage.completion_tokens or 0
+            # At most one attempt: what was billed is the row's own usage.
+            prompt = row["prompt_tokens"] or 0
+            completion = row["completion_tokens"] or 0
         else:
-            self.retries += max(0, log.attempts - 1)
-            self.rate_limited += log.rate_limited
-            self.server_errors += log.server_errors
-            self.timeouts += log.timeouts
-            prompt = log.billed_prompt_tokens
-            completion = log.billed_completion_tokens
+            self.retries += max(0, attempts - 1)
+            self.rate_limited += log[0]
+            self.server_errors += log[1]
+            self.timeouts += log[2]
+            prompt, completion = log[3], log[4]
         self.prompt_tokens += prompt
         self.completion_tokens += completion
         self.total_tokens += prompt + completion
-        if result.attempts:
-            self.latencies.add(result.latency_s)
+        if attempts:
+            self.latencies.add(row["latency_s"])
+
+    def dump(self) -> dict[str, Any]:
+        """The counters as JSON data, for the manifest."""
+        data = {name: getattr(self, name) for name in _COUNTERS}
+        data["latency_bins"] = {str(k): n for k, n in self.latencies.bins.items()}
+        return data
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any]) -> GroupStats:
+        """The inverse of ``dump``."""
+        group = cls()
+        for name in _COUNTERS:
+            setattr(group, name, int(data.get(name, 0)))
+        for key, n in data.get("latency_bins", {}).items():
+            group.latencies.bins[int(key)] = int(n)
+            group.latencies.count += int(n)
+        return group
 
     def row(self, model: str, endpoint: str, wall_s: float) -> dict[str, Any]:
         """One row of ``usage.parquet``."""
@@ -143,7 +173,10 @@ class GroupStats:
 
 
 class StatsCollector:
-    """Aggregates results per (model, endpoint) and for the whole run.
+    """Aggregates result rows per (model, endpoint) and for the whole output.
+
+    ``total`` and the groups cover every run into the same output (restored
+    from the manifest on resume); ``session`` covers this run only.
 
     Args:
         clock: Monotonic seconds, injectable for tests.
@@ -152,28 +185,54 @@ class StatsCollector:
     def __init__(self, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self.started = clock()
+        self.prior_wall_s = 0.0
+        self.skipped = 0
         self.total = GroupStats()
+        self.session = GroupStats()
         self._groups: dict[tuple[str, str], GroupStats] = {}
 
-    def record(self, results: Sequence[Result]) -> None:
-        """Count finished results."""
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Count finished result rows."""
         groups = self._groups
-        total = self.total
-        for result in results:
-            key = (result.model, result.endpoint)
+        total, session = self.total, self.session
+        for row in rows:
+            key = (row["model"], row["endpoint"])
             group = groups.get(key)
             if group is None:
                 group = groups[key] = GroupStats()
-            group.add(result)
-            total.add(result)
+            group.add(row)
+            total.add(row)
+            session.add(row)
 
     def elapsed(self) -> float:
-        """Seconds since the collector was made."""
+        """Seconds since this run started."""
         return self._clock() - self.started
+
+    def dump(self) -> dict[str, Any]:
+        """The cumulative counters as JSON data, for the manifest."""
+        return {
+            "wall_s": self.prior_wall_s + self.elapsed(),
+            "groups": [
+                {"model": m, "endpoint": e, **g.dump()}
+                for (m, e), g in sorted(self._groups.items())
+            ],
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Continue from the counters of earlier runs (``dump``'s output)."""
+        self.prior_wall_s = float(data.get("wall_s", 0.0))
+        for item in data.get("groups", []):
+            group = GroupStats.load(item)
+            self._groups[(str(item["model"]), str(item["endpoint"]))] = group
+            for name in _COUNTERS:
+                setattr(
+                    self.total, name, getattr(self.total, name) + getattr(group, name)
+                )
+            self.total.latencies.merge(group.latencies)
 
     def usage_rows(self) -> list[dict[str, Any]]:
         """The rows of ``usage.parquet``: one per (model, endpoint), then ``*``."""
-        wall = self.elapsed()
+        wall = self.prior_wall_s + self.elapsed()
         rows = [g.row(m, e, wall) for (m, e), g in sorted(self._groups.items())]
         rows.append(self.total.row("*", "*", wall))
         return rows
@@ -181,16 +240,22 @@ class StatsCollector:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunStats:
-    """What a finished run did; returned by ``run`` and ``arun``.
+    """What a run did; returned by ``run`` and ``arun``.
 
     Attributes:
         rows: Results written by this run.
-        succeeded: Rows with status ``ok``.
-        failed: Rows with status ``error``.
-        attempts: HTTP requests made.
-        prompt_tokens, completion_tokens, total_tokens: As the server reported.
-        wall_s: Seconds from start to the last result.
+        succeeded: Of those, rows with status ``ok``.
+        failed: Of those, rows with status ``error``.
+        attempts: HTTP requests made by this run.
+        prompt_tokens, completion_tokens, total_tokens: Billed in this run,
+            as the server reported them.
+        wall_s: Seconds this run took.
         out_dir: Where the results are.
+        skipped: Rows already done in ``out_dir`` and not requested again.
+        retried: Rows that had failed before and were run again.
+        new: Rows never reached before.
+        stopped_by: The signal that stopped the run early (``"SIGINT"`` or
+            ``"SIGTERM"``), or ``None`` when it ran to the end.
     """
 
     rows: int
@@ -202,6 +267,10 @@ class RunStats:
     total_tokens: int
     wall_s: float
     out_dir: Path
+    skipped: int = 0
+    retried: int = 0
+    new: int = 0
+    stopped_by: str | None = None
 
     @property
     def requests_per_s(self) -> float:
@@ -209,9 +278,18 @@ class RunStats:
         return self.rows / self.wall_s if self.wall_s > 0 else 0.0
 
     @classmethod
-    def from_collector(cls, stats: StatsCollector, out_dir: Path) -> RunStats:
-        """Freeze a collector's totals."""
-        t = stats.total
+    def from_collector(
+        cls,
+        stats: StatsCollector,
+        out_dir: Path,
+        *,
+        skipped: int = 0,
+        retried: int = 0,
+        new: int = 0,
+        stopped_by: str | None = None,
+    ) -> RunStats:
+        """Freeze a collector's counts for this run."""
+        t = stats.session
         return cls(
             rows=t.requests,
             succeeded=t.succeeded,
@@ -222,21 +300,33 @@ class RunStats:
             total_tokens=t.total_tokens,
             wall_s=stats.elapsed(),
             out_dir=out_dir,
+            skipped=skipped,
+            retried=retried,
+            new=new,
+            stopped_by=stopped_by,
         )
 
     def summary(self) -> str:
         """A few human lines about the run."""
-        return (
+        tok_s = self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        lines = [
             f"{self.rows} rows: {self.succeeded} ok, {self.failed} failed"
-            f" ({self.attempts} requests)\n"
+            f" ({self.attempts} requests)",
+        ]
+        if self.skipped or self.retried:
+            lines.append(
+                f"resumed: {self.skipped} already done and skipped,"
+                f" {self.retried} retried, {self.new} new"
+            )
+        lines += [
             f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
-            f" = {self.total_tokens}\n"
+            f" = {self.total_tokens}",
             f"wall time {self.wall_s:.1f} s, {self.requests_per_s:.1f} rows/s,"
-            f" {self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0:.0f}"
-            " completion tokens/s\n"
+            f" {tok_s:.0f} completion tokens/s",
             f"results: {self.out_dir / 'results'}"
-            f"  usage: {self.out_dir / 'usage.parquet'}"
-        )
+            f"  usage: {self.out_dir / 'usage.parquet'}",
+        ]
+        return "\n".join(lines)
 
 
 class Progress(Protocol):
@@ -265,7 +355,7 @@ def _no_note() -> str:
 
 def _rates(stats: StatsCollector) -> tuple[float, float]:
     elapsed = max(stats.elapsed(), 1e-9)
-    return stats.total.requests / elapsed, stats.total.completion_tokens / elapsed
+    return stats.session.requests / elapsed, stats.session.completion_tokens / elapsed
 
 
 class TqdmProgress:
@@ -282,9 +372,9 @@ class TqdmProgress:
 
     def refresh(self, stats: StatsCollector) -> None:
         """Advance the bar to the collector's count."""
-        done = stats.total.requests
+        done = stats.session.requests + stats.skipped
         _, tok_s = _rates(stats)
-        t = stats.total
+        t = stats.session
         self._bar.set_postfix_str(
             f"ok={t.succeeded} failed={t.failed} tok/s={tok_s:.0f}"
             f" retries={t.retries} 429s={t.rate_limited} {self._note()}",
@@ -326,14 +416,15 @@ class LineProgress:
             self._print(stats)
 
     def _print(self, stats: StatsCollector) -> None:
-        t = stats.total
+        t = stats.session
+        done = t.requests + stats.skipped
         rate, tok_s = _rates(stats)
         of = f"/{self._total}" if self._total is not None else ""
         eta = ""
         if self._total is not None and rate > 0:
-            eta = f" eta {max(self._total - t.requests, 0) / rate:.0f}s"
+            eta = f" eta {max(self._total - done, 0) / rate:.0f}s"
         self._stream.write(
-            f"batchrun: {t.requests}{of} rows, ok={t.succeeded} failed={t.failed},"
+            f"batchrun: {done}{of} rows, ok={t.succeeded} failed={t.failed},"
             f" {rate:.1f} rows/s, {tok_s:.0f} tok/s, retries={t.retries}"
             f" 429s={t.rate_limited} {self._note()}{eta}\n"
         )

@@ -279,17 +279,19 @@ def test_invalid_options(
     assert message in _error_line(capsys)
 
 
-def test_refuses_existing_output_unless_overwrite(
+def test_other_input_into_same_output_is_refused(
     sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A second run into the same OUT refuses with exit 2; --overwrite replaces it."""
+    """Another input into the same OUT is refused, naming it; --overwrite replaces."""
     out = tmp_path / "out"
-    assert (
-        _run(sim, write_jsonl(tmp_path / "a.jsonl", prompts(3, prefix="a")), out) == 0
-    )
+    first = write_jsonl(tmp_path / "a.jsonl", prompts(3, prefix="a"))
+    assert _run(sim, first, out) == 0
     second = write_jsonl(tmp_path / "b.jsonl", prompts(2, prefix="b"))
     assert _run(sim, second, out) == 2
-    assert "already holds results" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "inputs was" in line
+    assert "b.jsonl" in line
+    assert "--overwrite" in line
     assert len(read_results(out)) == 3
     assert _run(sim, second, out, "--overwrite") == 0
     assert [r["id"] for r in read_results(out)] == ["b-0", "b-1"]

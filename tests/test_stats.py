@@ -10,6 +10,7 @@ import pytest
 
 from batchrun.config import Endpoint
 from batchrun.records import Result, Usage
+from batchrun.sinks import Row, result_row
 from batchrun.stats import (
     LatencyHistogram,
     LineProgress,
@@ -42,8 +43,8 @@ def _result(
     usage: Usage | None = None,
     attempts: int = 1,
     latency_s: float = 0.5,
-) -> Result:
-    return Result(
+) -> Row:
+    result = Result(
         id="r",
         status=status,
         endpoint=endpoint,
@@ -61,6 +62,7 @@ def _result(
         started_at=0.0,
         finished_at=latency_s,
     )
+    return result_row(result, raw=True, kept_names={})
 
 
 def _exact(values: list[float], q: float) -> float:

@@ -1,0 +1,148 @@
+"""The append-only journal: every finished result is on disk before it counts.
+
+Results are appended as JSON lines to ``OUT/journal/seg-NNNNN.jsonl`` with one
+``os.write`` per batch, so they reach the operating system before the run
+counts them as done and survive ``kill -9``. With ``fsync`` each append is
+also forced to disk before it returns (for power loss); appends are whole
+batches of results, so this is a group commit: the busier the run, the more
+rows share one fsync. A segment holds exactly the rows of the part file with
+the same number; once that part is written atomically and the manifest counts
+it, the segment is deleted. A torn last line (the process died mid-write) is
+ignored on read and cut off before the journal is appended to again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import OutputError
+
+__all__ = ["JOURNAL_DIR", "Journal", "read_segment", "segments"]
+
+JOURNAL_DIR = "journal"
+_PREFIX, _SUFFIX = "seg-", ".jsonl"
+
+
+def segment_path(journal_dir: Path, number: int) -> Path:
+    """The path of segment ``number``."""
+    return journal_dir / f"{_PREFIX}{number:05d}{_SUFFIX}"
+
+
+def segments(journal_dir: Path) -> list[tuple[int, Path]]:
+    """The journal's segments, oldest first."""
+    if not journal_dir.is_dir():
+        return []
+    found = []
+    for path in journal_dir.iterdir():
+        name = path.name
+        if name.startswith(_PREFIX) and name.endswith(_SUFFIX):
+            digits = name[len(_PREFIX) : -len(_SUFFIX)]
+            if digits.isdigit():
+                found.append((int(digits), path))
+    return sorted(found)
+
+
+def read_segment(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of one segment; a torn or unparseable line ends the segment."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return  # a torn tail: everything after it was never acknowledged
+        if isinstance(row, dict):
+            yield row
+
+
+def _complete_length(path: Path) -> int:
+    """Bytes up to and including the last newline."""
+    data = path.read_bytes()
+    return data.rfind(b"\n") + 1
+
+
+class Journal:
+    """Appends result rows to the current segment.
+
+    Args:
+        journal_dir: ``OUT/journal``.
+        number: The segment to append to (matching the next part number).
+        fsync: Also force every append to disk before returning.
+    """
+
+    def __init__(self, journal_dir: Path, number: int, *, fsync: bool = False) -> None:
+        self.journal_dir = journal_dir
+        self.number = number
+        self._fsync = fsync
+        self._fd = -1
+        try:
+            journal_dir.mkdir(parents=True, exist_ok=True)
+            self._open(number)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the journal in {journal_dir}: {exc}"
+            ) from exc
+
+    def _open(self, number: int) -> None:
+        path = segment_path(self.journal_dir, number)
+        if path.exists():
+            # Cut a torn tail so the next line does not fuse with it.
+            with path.open("r+b") as handle:
+                handle.truncate(_complete_length(path))
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.number = number
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write rows, one JSON line each, in a single system call.
+
+        Raises:
+            OutputError: The write failed (disk full, permissions).
+        """
+        if not rows:
+            return
+        dumps = orjson.dumps
+        data = b"".join([dumps(row) + b"\n" for row in rows])
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the journal: {exc.strerror or exc}"
+            ) from exc
+
+    def rotate(self, number: int) -> None:
+        """Continue in segment ``number``; the current one is complete."""
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            self._open(number)
+        except OSError as exc:
+            raise OutputError(f"cannot rotate the journal: {exc}") from exc
+
+    def discard(self, number: int) -> None:
+        """Delete segments up to ``number``: their part files exist now."""
+        try:
+            for old, path in segments(self.journal_dir):
+                if old <= number:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot clean up the journal: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the current segment."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
