@@ -203,12 +203,12 @@ class Caller:
         concurrency = self.concurrency
         await concurrency.acquire()
         try:
-            await limiter.acquire(cost)
+            reserved = await limiter.acquire(cost)
             try:
                 reply = await self.client.post(record.endpoint, record.body)
             except RateLimitError as exc:
                 log.rate_limited += 1
-                limiter.settle(cost, 0, 0)
+                limiter.settle(reserved, 0, 0)
                 if exc.headers is not None:
                     limiter.follow(exc.headers)
                 wait = exc.retry_after
@@ -222,7 +222,7 @@ class Caller:
                 raise
             except ServerError:
                 log.server_errors += 1
-                limiter.settle(cost, 0, 0)
+                limiter.settle(reserved, 0, 0)
                 concurrency.on_overload()
                 raise
             except APITimeoutError:
@@ -240,7 +240,7 @@ class Caller:
             concurrency.release()
         usage = Usage.from_response(reply.data)
         log.bill(usage)
-        limiter.settle(cost, usage.prompt_tokens, usage.completion_tokens)
+        limiter.settle(reserved, usage.prompt_tokens, usage.completion_tokens)
         limiter.follow(reply.headers)
         self.estimator.observe(record, usage.prompt_tokens, usage.completion_tokens)
         concurrency.on_success()

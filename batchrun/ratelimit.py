@@ -35,6 +35,7 @@ __all__ = [
     "Cost",
     "Pacer",
     "RateLimiter",
+    "Reservation",
     "limits_from_headers",
 ]
 
@@ -48,6 +49,14 @@ SAFETY = 0.99
 DEFAULT_BURST_S = 0.25
 _DECREASE_GAP_S = 1.0
 _OVERLOAD_HOLD_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``acquire`` charged: the cost, and the budgets it was charged to."""
+
+    cost: Cost
+    charged: tuple[tuple[str, Pacer], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +101,12 @@ class Pacer:
         self.tat -= amount / self.rate
 
     def set_limit(self, per_minute: float) -> None:
-        """Change the rate, keeping the backlog's length in units."""
+        """Change the rate; the schedule already booked keeps its length in time."""
         self.per_minute = per_minute
         self.rate = per_minute * SAFETY / 60.0
+
+
+_NOTHING = Reservation(Cost(0, 0), ())
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
@@ -165,7 +177,9 @@ class RateLimiter:
         """Why ``cost`` can never fit (it exceeds a whole minute's budget), or None."""
         for name, pacer in self._pacers.items():
             amount = cost.amount(name)
-            if amount > pacer.per_minute:
+            # A request budget paces any single request; only token budgets
+            # can be too small for one request.
+            if name != "rpm" and amount > pacer.per_minute:
                 return (
                     f"the request needs about {amount} tokens, more than the whole"
                     f" {name} budget of {pacer.per_minute:g} per minute"
@@ -176,10 +190,15 @@ class RateLimiter:
         """Seconds left in a rate-limit pause (0 when not paused)."""
         return max(0.0, self.paused_until - self._clock())
 
-    async def acquire(self, cost: Cost) -> None:
-        """Wait until ``cost`` fits every budget and no pause is on, then take it."""
+    async def acquire(self, cost: Cost) -> Reservation:
+        """Wait until ``cost`` fits every budget and no pause is on, then take it.
+
+        Returns:
+            What was charged, for ``settle``: budgets learned from headers
+            later never had this request charged to them.
+        """
         if not self._pacers and self.paused_until <= self._clock():
-            return
+            return _NOTHING
         async with self._lock:
             while True:
                 now = self._clock()
@@ -191,24 +210,32 @@ class RateLimiter:
                 # Sleep to the computed moment; loop only if a pause or a lower
                 # limit arrived meanwhile.
                 await self._sleep(wait)
-            for name, pacer in self._pacers.items():
+            charged = tuple(self._pacers.items())
+            for name, pacer in charged:
                 pacer.take(cost.amount(name), now)
+        return Reservation(cost, charged)
 
     def settle(
-        self, reserved: Cost, prompt_tokens: int | None, completion_tokens: int | None
+        self,
+        reservation: Reservation,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
     ) -> None:
-        """Reconcile a reservation with the usage the server reported."""
-        if not self._pacers:
+        """Reconcile a reservation with the usage the server reported.
+
+        ``None`` keeps the estimate; ``0, 0`` (a refused request) gives back
+        every reserved token.
+        """
+        if not reservation.charged:
             return
+        cost = reservation.cost
         actual = Cost(
-            reserved.prompt_tokens if prompt_tokens is None else prompt_tokens,
-            reserved.completion_tokens
-            if completion_tokens is None
-            else completion_tokens,
+            cost.prompt_tokens if prompt_tokens is None else prompt_tokens,
+            cost.completion_tokens if completion_tokens is None else completion_tokens,
         )
-        for name, pacer in self._pacers.items():
+        for name, pacer in reservation.charged:
             if name != "rpm":
-                pacer.give_back(reserved.amount(name) - actual.amount(name))
+                pacer.give_back(cost.amount(name) - actual.amount(name))
 
     def pause(self, seconds: float) -> None:
         """Hold every new request for ``seconds`` (a 429's Retry-After)."""
@@ -304,5 +331,6 @@ class ConcurrencyLimit:
         if now < self._next_decrease:
             return
         self._next_decrease = now + _DECREASE_GAP_S
-        self.limit = max(1, math.ceil(self.limit * 0.8))
+        # At least one slot less, even where 80 % rounds back up (2, 3, 4).
+        self.limit = max(1, min(self.limit - 1, math.ceil(self.limit * 0.8)))
         self._threshold = min(self._threshold, self.limit)

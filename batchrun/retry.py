@@ -50,14 +50,16 @@ class _Wait(wait_base):
 
 
 class _StopAt(stop_base):
-    """Stop once the injected clock passes a deadline."""
+    """Stop when the next attempt would start after a deadline (injected clock)."""
 
     def __init__(self, clock: Callable[[], float], deadline: float) -> None:
         self._clock = clock
         self._deadline = deadline
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self._clock() >= self._deadline
+        # tenacity computes the wait before asking whether to stop: a retry
+        # that would only start after the deadline is not made.
+        return self._clock() + retry_state.upcoming_sleep >= self._deadline
 
 
 class Retrier:

@@ -16,7 +16,14 @@ import pytest
 
 from batchrun.simulator import SimulatorConfig, SimulatorHandle, serve_in_thread
 
-from .helpers import Rows, SimFactory, WriteInput, write_jsonl, write_parquet
+from .helpers import (
+    Rows,
+    SimFactory,
+    SimProcess,
+    WriteInput,
+    write_jsonl,
+    write_parquet,
+)
 
 
 @pytest.fixture
@@ -56,3 +63,17 @@ def write_input(request: pytest.FixtureRequest, tmp_path: Path) -> WriteInput:
         return write_parquet(tmp_path / f"{name}.parquet", rows)
 
     return write
+
+
+@pytest.fixture
+def sim_process() -> Iterator[Callable[..., SimProcess]]:
+    """Start simulators in their own processes; all are stopped after the test."""
+    started: list[SimProcess] = []
+
+    def start(*flags: str) -> SimProcess:
+        started.append(SimProcess(*flags))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()

@@ -71,3 +71,43 @@ class VirtualTime:
             self.offset += seconds
             self.slept.append(seconds)
         await anyio.lowlevel.checkpoint()
+
+
+class SimProcess:
+    """``batchrun serve-mock`` in its own process, for tests that kill clients."""
+
+    def __init__(self, *flags: str) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchrun", "serve-mock", "--port", "0", *flags],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        if "serving" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        self.base_url = line.rsplit(" ", 1)[-1].strip()
+
+    def stats(self, *, prompts: bool = False) -> dict[str, Any]:
+        """The simulator's /stats."""
+        import urllib.request
+
+        url = (
+            self.base_url.removesuffix("/v1")
+            + "/stats"
+            + ("?prompts=1" if prompts else "")
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            data: dict[str, Any] = json.load(response)
+            return data
+
+    def close(self) -> None:
+        """Stop the simulator."""
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
