@@ -142,7 +142,10 @@ class Journal:
             raise OutputError(f"cannot clean up the journal: {exc}") from exc
 
     def close(self) -> None:
-        """Close the current segment."""
+        """Close the current segment, deleting it if nothing was written to it."""
         if self._fd >= 0:
+            empty = os.fstat(self._fd).st_size == 0
             os.close(self._fd)
             self._fd = -1
+            if empty:
+                segment_path(self.journal_dir, self.number).unlink(missing_ok=True)
