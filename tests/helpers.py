@@ -111,3 +111,11 @@ class SimProcess:
         self.proc.wait(timeout=10)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def run_against(sim: SimulatorHandle, inp: Path, out: Path, *extra: str | Path) -> int:
+    """``batchrun run INP -o OUT`` against ``sim`` with model ``m``, quietly."""
+    return run_cli(
+        "run", inp, "-o", out, "--base-url", sim.base_url, "--model", "m", "--quiet",
+        *extra,
+    )  # fmt: skip

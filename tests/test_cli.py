@@ -11,22 +11,14 @@ import pytest
 from batchrun.cli import main
 from batchrun.simulator import SimulatorHandle
 
-from .helpers import prompts, read_results, run_cli, write_jsonl, write_parquet
-
-
-def _run(sim: SimulatorHandle, inp: Path, out: Path, *extra: str) -> int:
-    return run_cli(
-        "run",
-        inp,
-        "-o",
-        out,
-        "--base-url",
-        sim.base_url,
-        "--model",
-        "m",
-        "--quiet",
-        *extra,
-    )
+from .helpers import (
+    prompts,
+    read_results,
+    run_against,
+    run_cli,
+    write_jsonl,
+    write_parquet,
+)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -101,7 +93,7 @@ def test_malformed_json_line(
     """A malformed line: exit 2 naming file and line; nothing is sent."""
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
-    assert _run(sim, inp, tmp_path / "out") == 2
+    assert run_against(sim, inp, tmp_path / "out") == 2
     line = _error_line(capsys)
     assert f"{inp}:3:" in line
     assert "malformed JSON" in line
@@ -113,7 +105,7 @@ def test_row_without_prompt(
 ) -> None:
     """A row with neither prompt nor messages: exit 2 naming the line."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "ok"}, {"text": "nope"}])
-    assert _run(sim, inp, tmp_path / "out") == 2
+    assert run_against(sim, inp, tmp_path / "out") == 2
     line = _error_line(capsys)
     assert f"{inp}:2:" in line
     assert "neither 'prompt' nor 'messages'" in line
@@ -125,7 +117,7 @@ def test_bad_parquet_row_names_row(
 ) -> None:
     """In Parquet the error names the row number and the field."""
     inp = write_parquet(tmp_path / "in.parquet", [{"prompt": "a"}, {"prompt": None}])
-    assert _run(sim, inp, tmp_path / "out", "--endpoint", "completions") == 2
+    assert run_against(sim, inp, tmp_path / "out", "--endpoint", "completions") == 2
     line = _error_line(capsys)
     assert f"{inp} row 2: field 'prompt'" in line
 
@@ -135,7 +127,7 @@ def test_bad_messages(
 ) -> None:
     """Messages without a role are an input error naming the field."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"content": "x"}]}])
-    assert _run(sim, inp, tmp_path / "out") == 2
+    assert run_against(sim, inp, tmp_path / "out") == 2
     assert "field 'messages': message 0 must be an object with a role" in _error_line(
         capsys
     )
@@ -145,15 +137,15 @@ def test_unreadable_file(
     sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A missing file or a corrupt gzip is exit 2 naming the file."""
-    assert _run(sim, tmp_path / "missing.jsonl", tmp_path / "out") == 2
+    assert run_against(sim, tmp_path / "missing.jsonl", tmp_path / "out") == 2
     assert "missing.jsonl: no such file" in _error_line(capsys)
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(b"not gzip at all")
-    assert _run(sim, bad, tmp_path / "out2") == 2
+    assert run_against(sim, bad, tmp_path / "out2") == 2
     assert "bad.jsonl.gz: cannot read file" in _error_line(capsys)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 definitely not parquet")
-    assert _run(sim, broken, tmp_path / "out3") == 2
+    assert run_against(sim, broken, tmp_path / "out3") == 2
     assert "broken.parquet: cannot read Parquet file" in _error_line(capsys)
 
 
@@ -162,7 +154,7 @@ def test_gzip_and_blank_lines(sim: SimulatorHandle, tmp_path: Path) -> None:
     inp = tmp_path / "in.jsonl.gz"
     with gzip.open(inp, "wt") as handle:
         handle.write('{"id": "a", "prompt": "x"}\n\n  \n{"id": "b", "prompt": "y"}\n')
-    assert _run(sim, inp, tmp_path / "out") == 0
+    assert run_against(sim, inp, tmp_path / "out") == 0
     assert [r["id"] for r in read_results(tmp_path / "out")] == ["a", "b"]
 
 
@@ -172,7 +164,7 @@ def test_parquet_directory(sim: SimulatorHandle, tmp_path: Path) -> None:
     folder.mkdir()
     write_parquet(folder / "b.parquet", prompts(3, prefix="b"))
     write_parquet(folder / "a.parquet", prompts(2, prefix="a"))
-    assert _run(sim, folder, tmp_path / "out") == 0
+    assert run_against(sim, folder, tmp_path / "out") == 0
     assert len(read_results(tmp_path / "out")) == 5
 
 
@@ -186,7 +178,7 @@ def test_duplicate_id_names_both_rows(
         {"id": "a", "prompt": "3"},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert _run(sim, inp, tmp_path / "out") == 2
+    assert run_against(sim, inp, tmp_path / "out") == 2
     line = _error_line(capsys)
     assert f"{inp}:3:" in line
     assert f"duplicate id 'a', first at {inp}:1" in line
@@ -220,7 +212,7 @@ def test_missing_template_column(
 ) -> None:
     """A template column missing from a row is an input error naming row and field."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"name": "a"}, {"nom": "b"}])
-    assert _run(sim, inp, tmp_path / "out", "--template", "Hi {{ name }}") == 2
+    assert run_against(sim, inp, tmp_path / "out", "--template", "Hi {{ name }}") == 2
     assert f"{inp}:2: field 'name'" in _error_line(capsys)
 
 
@@ -229,7 +221,7 @@ def test_template_syntax_error(
 ) -> None:
     """A template that does not compile is a usage error."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"name": "a"}])
-    assert _run(sim, inp, tmp_path / "out", "--template", "Hi {{ name ") == 2
+    assert run_against(sim, inp, tmp_path / "out", "--template", "Hi {{ name ") == 2
     assert "template line 1" in _error_line(capsys)
 
 
@@ -239,7 +231,8 @@ def test_missing_template_file(
     """A missing --template-file is a usage error naming it."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"name": "a"}])
     assert (
-        _run(sim, inp, tmp_path / "out", "--template-file", tmp_path / "nope.j2") == 2
+        run_against(sim, inp, tmp_path / "out", "--template-file", tmp_path / "nope.j2")
+        == 2
     )
     assert "nope.j2" in _error_line(capsys)
 
@@ -275,7 +268,7 @@ def test_invalid_options(
 ) -> None:
     """Invalid option values are one-line usage errors with exit 2."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
-    assert _run(sim, inp, tmp_path / "out", *flags) == 2
+    assert run_against(sim, inp, tmp_path / "out", *flags) == 2
     assert message in _error_line(capsys)
 
 
@@ -285,15 +278,15 @@ def test_other_input_into_same_output_is_refused(
     """Another input into the same OUT is refused, naming it; --overwrite replaces."""
     out = tmp_path / "out"
     first = write_jsonl(tmp_path / "a.jsonl", prompts(3, prefix="a"))
-    assert _run(sim, first, out) == 0
+    assert run_against(sim, first, out) == 0
     second = write_jsonl(tmp_path / "b.jsonl", prompts(2, prefix="b"))
-    assert _run(sim, second, out) == 2
+    assert run_against(sim, second, out) == 2
     line = _error_line(capsys)
     assert "inputs was" in line
     assert "b.jsonl" in line
     assert "--overwrite" in line
     assert len(read_results(out)) == 3
-    assert _run(sim, second, out, "--overwrite") == 0
+    assert run_against(sim, second, out, "--overwrite") == 0
     assert [r["id"] for r in read_results(out)] == ["b-0", "b-1"]
 
 
@@ -327,14 +320,14 @@ def test_unwritable_output_exits_3(
     blocker = tmp_path / "file"
     blocker.write_text("x")
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
-    assert _run(sim, inp, blocker / "out") == 3
+    assert run_against(sim, inp, blocker / "out") == 3
     assert "cannot write" in _error_line(capsys)
 
 
 def test_manifest_records_options_not_key(sim: SimulatorHandle, tmp_path: Path) -> None:
     """manifest.json records inputs, request options and counts."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    assert _run(sim, inp, tmp_path / "out", "--temperature", "0.2") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--temperature", "0.2") == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"] == [str(inp)]
     assert manifest["request"]["params"] == {"temperature": 0.2}

@@ -17,24 +17,10 @@ from .helpers import (
     WriteInput,
     prompts,
     read_results,
+    run_against,
     run_cli,
     write_jsonl,
 )
-
-
-def _run(sim: SimulatorHandle, inp: Path, out: Path, *extra: str) -> int:
-    return run_cli(
-        "run",
-        inp,
-        "-o",
-        out,
-        "--base-url",
-        sim.base_url,
-        "--model",
-        "m",
-        "--quiet",
-        *extra,
-    )
 
 
 def test_completions_every_row_ok(
@@ -42,7 +28,7 @@ def test_completions_every_row_ok(
 ) -> None:
     """Every input row gets exactly one ok result carrying its id and completion."""
     inp = write_input(prompts(120))
-    assert _run(sim, inp, tmp_path / "out") == 0
+    assert run_against(sim, inp, tmp_path / "out") == 0
     rows = read_results(tmp_path / "out")
     assert [r["id"] for r in rows] == sorted(f"row-{i}" for i in range(120))
     assert {r["status"] for r in rows} == {"ok"}
@@ -64,7 +50,7 @@ def test_outputs_line_up_with_inputs(sim: SimulatorHandle, tmp_path: Path) -> No
     """Each result's prompt is the prompt of the input row with the same id."""
     rows = [{"id": f"x{i}", "prompt": f"unique prompt {i * 7}"} for i in range(300)]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert _run(sim, inp, tmp_path / "out", "--concurrency", "50") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--concurrency", "50") == 0
     by_id = {r["id"]: r["prompt"] for r in rows}
     for result in read_results(tmp_path / "out"):
         assert result["prompt"] == by_id[result["id"]]
@@ -73,7 +59,7 @@ def test_outputs_line_up_with_inputs(sim: SimulatorHandle, tmp_path: Path) -> No
 def test_output_schema(sim: SimulatorHandle, tmp_path: Path) -> None:
     """results/ and usage.parquet have the documented columns and types."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
-    assert _run(sim, inp, tmp_path / "out") == 0
+    assert run_against(sim, inp, tmp_path / "out") == 0
     schema = ds.dataset(tmp_path / "out" / "results").schema
     assert schema.equals(RESULT_SCHEMA)
     assert pq.read_schema(tmp_path / "out" / "usage.parquet").equals(USAGE_SCHEMA)
@@ -86,7 +72,7 @@ def test_chat_rows_and_system_message(sim: SimulatorHandle, tmp_path: Path) -> N
         {"id": "b", "messages": [{"role": "user", "content": "How are you?"}]},
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert _run(sim, inp, tmp_path / "out", "--system", "Be brief.") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--system", "Be brief.") == 0
     results = read_results(tmp_path / "out")
     assert [r["endpoint"] for r in results] == ["chat", "chat"]
     sent = json.loads(results[0]["prompt"])
@@ -119,7 +105,7 @@ def test_mixed_endpoints_and_batch_format(sim: SimulatorHandle, tmp_path: Path) 
         },
     ]
     inp = write_jsonl(tmp_path / "batch.jsonl", rows)
-    assert _run(sim, inp, tmp_path / "out", "--max-tokens", "5") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--max-tokens", "5") == 0
     by_id = {r["id"]: r for r in read_results(tmp_path / "out")}
     assert by_id["req-1"]["endpoint"] == "chat"
     assert by_id["req-1"]["model"] == "other-model"
@@ -137,7 +123,9 @@ def test_template_renders_row_columns(
     inp = write_input(
         [{"id": "1", "name": "Ada", "n": 3}, {"id": "2", "name": "Bo", "n": 4}]
     )
-    code = _run(sim, inp, tmp_path / "out", "--template", "Hi {{ name }} x{{ n * 2 }}")
+    code = run_against(
+        sim, inp, tmp_path / "out", "--template", "Hi {{ name }} x{{ n * 2 }}"
+    )
     assert code == 0
     assert sorted(r["prompt"] for r in sim.state.requests) == ["Hi Ada x6", "Hi Bo x8"]
     assert [r["prompt"] for r in read_results(tmp_path / "out")] == [
@@ -152,7 +140,7 @@ def test_template_into_chat_user_message(
     """With --endpoint chat the rendered template is the user message."""
     sim = sim_factory(record_requests=True)
     inp = write_jsonl(tmp_path / "in.jsonl", [{"topic": "owls"}])
-    code = _run(
+    code = run_against(
         sim,
         inp,
         tmp_path / "out",
@@ -176,7 +164,7 @@ def test_sampling_flags_and_params_reach_the_body(
     """Sampling flags and --param go into the body only when given."""
     sim = sim_factory(record_requests=True)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
-    code = _run(
+    code = run_against(
         sim,
         inp,
         tmp_path / "out",
@@ -209,7 +197,7 @@ def test_sampling_flags_and_params_reach_the_body(
 def test_n_choices(sim: SimulatorHandle, tmp_path: Path) -> None:
     """With --n 3 the choices column holds three choices."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    assert _run(sim, inp, tmp_path / "out", "--n", "3") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--n", "3") == 0
     for row in read_results(tmp_path / "out"):
         assert [c["index"] for c in row["choices"]] == [0, 1, 2]
         assert all(c["finish_reason"] in ("stop", "length") for c in row["choices"])
@@ -220,7 +208,7 @@ def test_ids_default_to_position(
 ) -> None:
     """Rows without an id column get their 0-based position as a string id."""
     inp = write_input([{"prompt": f"p{i}"} for i in range(4)])
-    assert _run(sim, inp, tmp_path / "out") == 0
+    assert run_against(sim, inp, tmp_path / "out") == 0
     rows = read_results(tmp_path / "out")
     assert {r["id"]: r["prompt"] for r in rows} == {str(i): f"p{i}" for i in range(4)}
 
@@ -230,7 +218,7 @@ def test_id_column_and_numeric_ids(sim: SimulatorHandle, tmp_path: Path) -> None
     inp = write_jsonl(
         tmp_path / "in.jsonl", [{"key": 10, "prompt": "a"}, {"key": 11, "prompt": "b"}]
     )
-    assert _run(sim, inp, tmp_path / "out", "--id-column", "key") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--id-column", "key") == 0
     assert [r["id"] for r in read_results(tmp_path / "out")] == ["10", "11"]
 
 
@@ -243,7 +231,7 @@ def test_keep_columns(
         {"id": "b", "prompt": "y", "stars": None, "model": "gpt"},
     ]
     inp = write_input(rows)
-    assert _run(sim, inp, tmp_path / "out", "--keep-columns", "stars,model") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--keep-columns", "stars,model") == 0
     results = read_results(tmp_path / "out")
     assert [r["stars"] for r in results] == [5, None]
     assert [r["input_model"] for r in results] == ["gpt", "gpt"]
@@ -253,7 +241,7 @@ def test_keep_columns(
 def test_no_raw_drops_response(sim: SimulatorHandle, tmp_path: Path) -> None:
     """--no-raw leaves the response column empty."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
-    assert _run(sim, inp, tmp_path / "out", "--no-raw") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--no-raw") == 0
     assert {r["response"] for r in read_results(tmp_path / "out")} == {None}
 
 
@@ -264,7 +252,7 @@ def test_usage_matches_simulator(sim: SimulatorHandle, tmp_path: Path) -> None:
         for i in range(25)
     ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert _run(sim, inp, tmp_path / "out") == 0
+    assert run_against(sim, inp, tmp_path / "out") == 0
     usage = {
         (r["model"], r["endpoint"]): r
         for r in pq.read_table(tmp_path / "out" / "usage.parquet").to_pylist()
@@ -294,7 +282,9 @@ def test_concurrency_is_reached(
     """The simulator sees exactly --concurrency requests in flight, even above 100."""
     sim = sim_factory(latency_ms=150)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(concurrency * 3))
-    assert _run(sim, inp, tmp_path / "out", "--concurrency", str(concurrency)) == 0
+    assert (
+        run_against(sim, inp, tmp_path / "out", "--concurrency", str(concurrency)) == 0
+    )
     assert sim.state.snapshot()["max_in_flight"] == concurrency
 
 
@@ -303,7 +293,7 @@ def test_empty_input_writes_empty_table(
 ) -> None:
     """Empty input exits 0 with an empty results table of the full schema."""
     inp = write_input([])
-    assert _run(sim, inp, tmp_path / "out") == 0
+    assert run_against(sim, inp, tmp_path / "out") == 0
     table = ds.dataset(tmp_path / "out" / "results").to_table()
     assert table.num_rows == 0
     assert table.schema.equals(RESULT_SCHEMA)
@@ -314,7 +304,7 @@ def test_400_is_an_error_row(sim: SimulatorHandle, tmp_path: Path) -> None:
     """A 400 becomes an error row; the other rows are unaffected; exit code 1."""
     rows = [*prompts(5), {"id": "bad", "prompt": "break me [[sim:status=400]]"}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    assert _run(sim, inp, tmp_path / "out") == 1
+    assert run_against(sim, inp, tmp_path / "out") == 1
     by_id = {r["id"]: r for r in read_results(tmp_path / "out")}
     assert by_id["bad"]["status"] == "error"
     assert by_id["bad"]["http_status"] == 400
@@ -334,7 +324,7 @@ def test_401_aborts_and_key_never_written(
     secret = "sk-wrong-secret-12345"
     monkeypatch.setenv("MY_KEY", secret)
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(500))
-    code = _run(
+    code = run_against(
         sim, inp, tmp_path / "out", "--api-key-env", "MY_KEY", "--concurrency", "4"
     )
     assert code == 3
@@ -356,7 +346,7 @@ def test_right_key_is_sent(
     sim = sim_factory(api_key="right-key-abcdef")
     monkeypatch.setenv("MY_KEY", "right-key-abcdef")
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
-    assert _run(sim, inp, tmp_path / "out", "--api-key-env", "MY_KEY") == 0
+    assert run_against(sim, inp, tmp_path / "out", "--api-key-env", "MY_KEY") == 0
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert b"right-key-abcdef" not in path.read_bytes()

@@ -12,14 +12,7 @@ import pytest
 from batchrun.journal import read_segment, segments
 from batchrun.simulator import SimulatorHandle
 
-from .helpers import prompts, read_results, run_cli, write_jsonl
-
-
-def _run(sim: SimulatorHandle, inp: Path, out: Path, *extra: str) -> int:
-    return run_cli(
-        "run", inp, "-o", out, "--base-url", sim.base_url, "--model", "m", "--quiet",
-        *extra,
-    )  # fmt: skip
+from .helpers import prompts, read_results, run_against, run_cli, write_jsonl
 
 
 def _counts(sim: SimulatorHandle) -> dict[str, int]:
@@ -41,7 +34,7 @@ def test_rerun_retries_only_failed_rows(
     """The same command again skips ok rows and retries the failed ones."""
     inp = write_jsonl(tmp_path / "in.jsonl", _flaky_rows())
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 1
+    assert run_against(sim, inp, out) == 1
     assert sum(r["status"] == "error" for r in read_results(out)) == 2
     code = run_cli(
         "run", inp, "-o", out, "--base-url", sim.base_url, "--model", "m",
@@ -66,9 +59,9 @@ def test_rerun_of_finished_output_sends_nothing(
     """Re-running a finished job sends no request and changes no result."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(20))
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     before = read_results(out)
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     assert sim.state.snapshot()["requests"] == 20
     assert read_results(out) == before
 
@@ -77,19 +70,21 @@ def test_skip_failed_keeps_error_rows(sim: SimulatorHandle, tmp_path: Path) -> N
     """--skip-failed leaves earlier error rows as they are."""
     inp = write_jsonl(tmp_path / "in.jsonl", _flaky_rows())
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 1
-    assert _run(sim, inp, out, "--skip-failed") == 0
+    assert run_against(sim, inp, out) == 1
+    assert run_against(sim, inp, out, "--skip-failed") == 0
     assert sim.state.snapshot()["requests"] == 10
     assert sum(r["status"] == "error" for r in read_results(out)) == 2
 
 
-def test_new_rows_in_the_input_are_run(sim: SimulatorHandle, tmp_path: Path) -> None:
+def test_new_rows_in_the_input_arerun_against(
+    sim: SimulatorHandle, tmp_path: Path
+) -> None:
     """Rows added to the input (with ids) since the last run are run, the rest not."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     write_jsonl(inp, prompts(8))
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     assert sim.state.snapshot()["requests"] == 8
     assert len(read_results(out)) == 8
 
@@ -99,10 +94,10 @@ def test_changed_request_is_run_again(sim: SimulatorHandle, tmp_path: Path) -> N
     rows = prompts(4)
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     rows[2]["prompt"] = "an edited prompt"
     write_jsonl(inp, rows)
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     assert sim.state.snapshot()["requests"] == 5
     results = {r["id"]: r for r in read_results(out)}
     assert len(results) == 4
@@ -115,13 +110,13 @@ def test_changed_options_are_refused(
     """Other request options refuse with exit 2 naming the change; limits may change."""
     inp = write_jsonl(tmp_path / "in.jsonl", _flaky_rows())
     out = tmp_path / "out"
-    assert _run(sim, inp, out, "--temperature", "0.5") == 1
+    assert run_against(sim, inp, out, "--temperature", "0.5") == 1
     capsys.readouterr()
-    assert _run(sim, inp, out, "--temperature", "0.7") == 2
+    assert run_against(sim, inp, out, "--temperature", "0.7") == 2
     err = capsys.readouterr().err
     assert "params was {'temperature': 0.5}, now {'temperature': 0.7}" in err
     assert "--overwrite" in err
-    code = _run(
+    code = run_against(
         sim, inp, out, "--temperature", "0.5", "--concurrency", "3", "--rpm", "6000",
         "--max-attempts", "2", "--timeout", "20",
     )  # fmt: skip
@@ -132,8 +127,8 @@ def test_overwrite_starts_afresh(sim: SimulatorHandle, tmp_path: Path) -> None:
     """--overwrite discards the earlier output, whatever its options."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
     out = tmp_path / "out"
-    assert _run(sim, inp, out, "--temperature", "0.5") == 0
-    assert _run(sim, inp, out, "--temperature", "0.9", "--overwrite") == 0
+    assert run_against(sim, inp, out, "--temperature", "0.5") == 0
+    assert run_against(sim, inp, out, "--temperature", "0.9", "--overwrite") == 0
     assert sim.state.snapshot()["requests"] == 6
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["request"]["params"] == {"temperature": 0.9}
@@ -146,9 +141,9 @@ def test_positional_ids_with_changed_input_are_refused(
     """Without an id column, an edited input is refused, suggesting an id column."""
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(4)])
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     write_jsonl(inp, [{"prompt": f"p{i}"} for i in [0, 2, 1, 3]])
-    assert _run(sim, inp, out) == 2
+    assert run_against(sim, inp, out) == 2
     err = capsys.readouterr().err
     assert "changed since" in err
     assert "id column" in err
@@ -161,7 +156,7 @@ def test_journal_rows_are_recovered_and_torn_tail_ignored(
     """Rows only in the journal count as done on resume; a torn last line does not."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     # Make the output look like a run killed after journaling rows 0-2, with
     # row 3's line torn in half and nothing rolled into parts.
     table = pq.read_table(next((out / "results").glob("part-*.parquet")))
@@ -183,7 +178,7 @@ def test_journal_rows_are_recovered_and_torn_tail_ignored(
     (journal / "seg-00000.jsonl").write_bytes(torn)
     before = sim.state.snapshot(prompts=True)["prompt_counts"]
 
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     after = _counts(sim)
     results = read_results(out)
     assert [r["id"] for r in results] == sorted(f"row-{i}" for i in range(6))
@@ -198,12 +193,12 @@ def test_unwritable_output_exits_3_and_keeps_results(
     """Output that cannot be written aborts with exit 3; earlier results stay."""
     inp = write_jsonl(tmp_path / "in.jsonl", _flaky_rows())
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 1
+    assert run_against(sim, inp, out) == 1
     before = read_results(out)
     shutil.rmtree(out / "journal", ignore_errors=True)
     (out / "journal").write_text("not a directory")
     capsys.readouterr()
-    assert _run(sim, inp, out) == 3
+    assert run_against(sim, inp, out) == 3
     err = capsys.readouterr().err
     assert "cannot write the journal" in err
     assert read_results(out) == before
@@ -215,7 +210,7 @@ def test_status_reports_progress(
     """batchrun status shows rows ok and failed, tokens and whether it finished."""
     inp = write_jsonl(tmp_path / "in.jsonl", _flaky_rows())
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 1
+    assert run_against(sim, inp, out) == 1
     capsys.readouterr()
     assert run_cli("status", out) == 0
     text = capsys.readouterr().out
@@ -234,12 +229,12 @@ def test_status_of_missing_output(
     assert "no batchrun run" in capsys.readouterr().err
 
 
-def test_usage_counts_every_run(sim: SimulatorHandle, tmp_path: Path) -> None:
+def test_usage_counts_everyrun_against(sim: SimulatorHandle, tmp_path: Path) -> None:
     """usage.parquet adds up the attempts and tokens of every run into OUT."""
     inp = write_jsonl(tmp_path / "in.jsonl", _flaky_rows())
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 1
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 1
+    assert run_against(sim, inp, out) == 0
     usage = {r["model"]: r for r in pq.read_table(out / "usage.parquet").to_pylist()}
     seen = sim.state.snapshot()
     assert usage["*"]["attempts"] == seen["requests"] == 12
@@ -247,12 +242,12 @@ def test_usage_counts_every_run(sim: SimulatorHandle, tmp_path: Path) -> None:
     assert usage["*"]["completion_tokens"] == seen["completion_tokens"]
 
 
-def test_journal_is_empty_after_a_complete_run(
+def test_journal_is_empty_after_a_completerun_against(
     sim: SimulatorHandle, tmp_path: Path
 ) -> None:
     """A finished run leaves no journal segments and few part files."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(30))
     out = tmp_path / "out"
-    assert _run(sim, inp, out) == 0
+    assert run_against(sim, inp, out) == 0
     assert not [row for _, p in segments(out / "journal") for row in read_segment(p)]
     assert len(list((out / "results").glob("part-*.parquet"))) == 1
