@@ -76,9 +76,7 @@ def test_skip_failed_keeps_error_rows(sim: SimulatorHandle, tmp_path: Path) -> N
     assert sum(r["status"] == "error" for r in read_results(out)) == 2
 
 
-def test_new_rows_in_the_input_arerun_against(
-    sim: SimulatorHandle, tmp_path: Path
-) -> None:
+def test_new_rows_in_the_input_are_run(sim: SimulatorHandle, tmp_path: Path) -> None:
     """Rows added to the input (with ids) since the last run are run, the rest not."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
     out = tmp_path / "out"
