@@ -16,6 +16,7 @@ from typing import Self
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from .config import Endpoint
 from .errors import (
@@ -105,7 +106,8 @@ class APIClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
-        self._urls = {name: self.base_url + path for name, path in _PATHS.items()}
+        # Parsed once: aiohttp would parse a str URL on every request.
+        self._urls = {name: URL(self.base_url + path) for name, path in _PATHS.items()}
 
     async def __aenter__(self) -> Self:
         headers = {"Content-Type": "application/json", "User-Agent": "batchrun"}
@@ -118,7 +120,10 @@ class APIClient:
             connector=connector,
             headers=headers,
             timeout=self._timeout,
+            # No cookies and no compressed bodies: nothing per request to track.
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("Accept-Encoding",),
+            auto_decompress=False,
         )
         return self
 
@@ -177,7 +182,7 @@ class APIClient:
                     data=data if isinstance(data, dict) else None,
                 )
             return Reply(status, data, raw, headers)
-        raise self._error(status, raw, headers, url)
+        raise self._error(status, raw, headers, str(url))
 
     def _snippet(self, raw: bytes) -> str:
         # Scrub the whole body before cutting it, so a key cut in half by the

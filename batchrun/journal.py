@@ -109,8 +109,8 @@ class Journal:
         """
         if not rows:
             return
-        dumps = orjson.dumps
-        data = b"".join([dumps(row) + b"\n" for row in rows])
+        dumps, option = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        data = b"".join([dumps(row, option=option) for row in rows])
         try:
             view = memoryview(data)
             while view:

@@ -26,7 +26,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -67,6 +67,8 @@ from .sources import RowBatch, expand_inputs, iter_batches
 from .stats import Clock, Progress, RunStats, StatsCollector, make_progress
 
 __all__ = ["MOCK_MODEL", "arun", "run"]
+
+T = TypeVar("T")
 
 MOCK_MODEL = "mock-model"
 _SHUTDOWN_FLUSH_S = 10.0
@@ -525,9 +527,9 @@ class _Run:
                     self.stats.skipped = self.skipped
                     for item in items:
                         if isinstance(item, Result):
-                            await results.send(item)
+                            await _put(results, item)
                         else:
-                            await records.send(item)
+                            await _put(records, item)
 
     async def _work(
         self,
@@ -537,10 +539,14 @@ class _Run:
         caller = self.caller
         assert caller is not None
         async with records, results:
-            async for record in records:
+            while True:
+                try:
+                    record = await _take(records)
+                except anyio.EndOfStream:
+                    return
                 if self.stopped_by is not None:
                     continue  # stopping: rows not yet started wait for the resume
-                await results.send(await caller.call(record))
+                await _put(results, await caller.call(record))
 
     # -- writing ------------------------------------------------------------
 
@@ -631,12 +637,34 @@ class _Run:
 _Roll = tuple[int, list[Row], dict[str, Any]]
 
 
+# anyio's send() and receive() yield to the event loop once even when they need
+# not wait; on the per-row path that costs a loop cycle per row (about 7 % of
+# the client's CPU at 3,000 rows/s). These try the non-blocking call first and
+# wait only when they must; every worker yields on its HTTP call anyway.
+
+
+async def _put(stream: MemoryObjectSendStream[T], item: T) -> None:
+    """Send ``item``, waiting only if the buffer is full."""
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+async def _take(stream: MemoryObjectReceiveStream[T]) -> T:
+    """Receive an item, waiting only if none is buffered."""
+    try:
+        return stream.receive_nowait()
+    except anyio.WouldBlock:
+        return await stream.receive()
+
+
 async def _receive(
     results: MemoryObjectReceiveStream[Result], deadline: float | None
 ) -> Result | None:
     """The next result, or ``None`` if ``deadline`` (event-loop time) passes first."""
     if deadline is None:
-        return await results.receive()
+        return await _take(results)
     with anyio.move_on_after(deadline - anyio.current_time()):
-        return await results.receive()
+        return await _take(results)
     return None

@@ -82,9 +82,11 @@ def scan_inputs(files: Sequence[Path], builder: RequestBuilder) -> Scan:
             path=str(files[0]),
             field=missing[0],
         )
-    duplicate = ids.first_duplicate()
-    if duplicate is not None:
-        raise _duplicate_error(files, builder, duplicate)
+    suspects = ids.suspects()
+    if suspects:
+        error = _find_duplicate(files, builder, suspects)
+        if error is not None:
+            raise error
     return Scan(
         total=position,
         kept={name: infer_type(kinds[name]) for name in keep},
@@ -92,25 +94,31 @@ def scan_inputs(files: Sequence[Path], builder: RequestBuilder) -> Scan:
     )
 
 
-def _duplicate_error(
-    files: Sequence[Path], builder: RequestBuilder, wanted: str
-) -> InputError:
-    """Find the first two rows that share ``wanted`` and name both."""
-    first: str | None = None
+def _find_duplicate(
+    files: Sequence[Path], builder: RequestBuilder, suspects: set[int]
+) -> InputError | None:
+    """Name the first id that really occurs twice, and both of its rows.
+
+    Only ids whose hash is a suspect are remembered, so this stays small; a
+    suspect that turns out to be two different ids is a hash collision.
+    """
+    first_seen: dict[str, str] = {}
     position = 0
     for batch in iter_batches(files, columns=builder.columns()):
         for index, row in enumerate(batch.rows):
-            if builder.row_id(row, position) == wanted:
-                number = batch.numbers[index]
-                if first is not None:
-                    return InputError(
-                        f"duplicate id {wanted!r}, first at {first}",
-                        path=batch.path,
-                        line=number,
-                        kind=batch.kind,
-                        field=builder.options.id_column or "id",
-                    )
-                sep = ":" if batch.kind == "line" else " row "
-                first = f"{batch.path}{sep}{number}"
+            row_id = builder.row_id(row, position)
             position += 1
-    return InputError(f"duplicate id {wanted!r}")  # pragma: no cover - found above
+            if IdSet.key(row_id) not in suspects:
+                continue
+            number = batch.numbers[index]
+            if row_id in first_seen:
+                return InputError(
+                    f"duplicate id {row_id!r}, first at {first_seen[row_id]}",
+                    path=batch.path,
+                    line=number,
+                    kind=batch.kind,
+                    field=builder.options.id_column or "id",
+                )
+            sep = ":" if batch.kind == "line" else " row "
+            first_seen[row_id] = f"{batch.path}{sep}{number}"
+    return None

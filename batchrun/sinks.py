@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import OutputError
@@ -38,6 +37,7 @@ __all__ = [
     "compact",
     "has_output",
     "infer_type",
+    "latest_rows",
     "list_parts",
     "open_output",
     "read_parts",
@@ -262,24 +262,32 @@ def read_parts(results_dir: Path, columns: Sequence[str]) -> Iterator[pa.Table]:
             raise OutputError(f"cannot read {path}: {exc}") from exc
 
 
-def _latest_positions(results_dir: Path) -> tuple[array[int], int]:
-    """Global row positions that hold each id's latest result, ascending."""
-    ids = pa.chunked_array(
-        [t.column("id").combine_chunks() for t in read_parts(results_dir, ["id"])],
-        pa.string(),
-    )
-    total = len(ids)
-    if total == 0:
-        return array("q"), 0
+def latest_rows(ids: pa.ChunkedArray) -> pa.Array:
+    """Positions (into ``ids``) of each id's last occurrence, ascending.
+
+    Rows are in write order, so the last occurrence is the latest result.
+    """
+    import pyarrow.compute as pc  # deferred: 60 ms of start-up otherwise
+
+    if len(ids) == 0:
+        return pa.array([], pa.uint64())
     # A stable sort keeps each id's occurrences in write order: the last of
     # each run of equal ids is its latest result.
     order = pc.sort_indices(pa.table({"id": ids}), sort_keys=[("id", "ascending")])
     ordered = ids.take(order)
     last = pc.not_equal(ordered[:-1], ordered[1:]).combine_chunks()
-    mask = pa.concat_arrays([last, pa.array([True])])
-    keep = pc.sort_indices(order.filter(mask))
-    positions = order.filter(mask).take(keep)
-    return array("q", positions.cast(pa.int64()).to_pylist()), total
+    winners = order.filter(pa.concat_arrays([last, pa.array([True])]))
+    return winners.take(pc.sort_indices(winners))
+
+
+def _latest_positions(results_dir: Path) -> tuple[array[int], int]:
+    """Global row positions that hold each id's latest result, and the total."""
+    ids = pa.chunked_array(
+        [t.column("id").combine_chunks() for t in read_parts(results_dir, ["id"])],
+        pa.string(),
+    )
+    positions = latest_rows(ids).cast(pa.int64())
+    return array("q", positions.to_pylist()), len(ids)
 
 
 def compact(
