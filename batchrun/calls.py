@@ -25,9 +25,9 @@ from .errors import (
     TransientError,
 )
 from .payload import TokenEstimator
-from .ratelimit import ConcurrencyLimit, Cost, RateLimiter
+from .ratelimit import ConcurrencyLimit, Cost, RateLimiter, Slot
 from .records import AttemptLog, JSONObject, PromptRecord, Result, Usage
-from .retry import Retrier
+from .retry import Retrier, Sleep
 
 __all__ = ["Caller", "failed_result"]
 
@@ -101,6 +101,7 @@ class Caller:
         concurrency: The adaptive cap on requests in flight.
         policy: The retry policy.
         clock: Monotonic seconds.
+        sleep: Awaitable sleep for backoffs.
         retrier: Retries transient failures.
         raw_response: Keep the raw response body in results.
     """
@@ -113,6 +114,7 @@ class Caller:
         concurrency: ConcurrencyLimit,
         policy: RetryPolicy,
         clock: Callable[[], float],
+        sleep: Sleep,
         retrier: Retrier,
         raw_response: bool,
     ) -> None:
@@ -122,11 +124,17 @@ class Caller:
         self.policy = policy
         self.estimator = TokenEstimator()
         self._clock = clock
+        self._sleep = sleep
         self._retrier = retrier
         self._raw = raw_response
 
-    async def call(self, record: PromptRecord) -> Result:
+    async def call(self, record: PromptRecord, slot: Slot) -> Result:
         """Request ``record`` until it succeeds, fails for good, or retries run out.
+
+        Args:
+            record: What to send.
+            slot: The worker's concurrency slot; held for each attempt and let
+                go during backoffs, so other rows use it meanwhile.
 
         Raises:
             FatalAPIError: The key, model or URL is wrong; the run must stop.
@@ -141,13 +149,20 @@ class Caller:
         log = AttemptLog()
         started = time.time()
         t0 = self._clock()
+
+        async def attempt() -> Reply:
+            await slot.hold()
+            return await self._attempt(record, cost, log)
+
+        async def backoff(seconds: float) -> None:
+            slot.release()
+            await self._sleep(seconds)
+
         try:
             try:
-                reply = await self._attempt(record, cost, log)
+                reply = await attempt()
             except TransientError as failure:
-                reply = await self._retrier.retry(
-                    lambda: self._attempt(record, cost, log), failure, t0
-                )
+                reply = await self._retrier.retry(attempt, failure, t0, sleep=backoff)
         except (TransientError, PermanentError) as exc:
             return self._failure(record, exc, log, started, self._clock() - t0)
         latency = self._clock() - t0
@@ -197,47 +212,43 @@ class Caller:
     async def _attempt(
         self, record: PromptRecord, cost: Cost, log: AttemptLog
     ) -> Reply:
-        """One HTTP attempt inside a concurrency slot and the rate budgets."""
+        """One HTTP attempt inside the rate budgets (the caller holds a slot)."""
         log.attempts += 1
         limiter = self.limiter
         concurrency = self.concurrency
-        await concurrency.acquire()
+        reserved = await limiter.acquire(cost)
         try:
-            reserved = await limiter.acquire(cost)
-            try:
-                reply = await self.client.post(record.endpoint, record.body)
-            except RateLimitError as exc:
-                log.rate_limited += 1
-                limiter.settle(reserved, 0, 0)
-                if exc.headers is not None:
-                    limiter.follow(exc.headers)
-                wait = exc.retry_after
-                limiter.pause(
-                    min(
-                        DEFAULT_RATE_LIMIT_PAUSE_S if wait is None else wait,
-                        self.policy.max_retry_wait_s,
-                    )
+            reply = await self.client.post(record.endpoint, record.body)
+        except RateLimitError as exc:
+            log.rate_limited += 1
+            limiter.settle(reserved, 0, 0)
+            if exc.headers is not None:
+                limiter.follow(exc.headers)
+            wait = exc.retry_after
+            limiter.pause(
+                min(
+                    DEFAULT_RATE_LIMIT_PAUSE_S if wait is None else wait,
+                    self.policy.max_retry_wait_s,
                 )
-                concurrency.on_rate_limited()
-                raise
-            except ServerError:
-                log.server_errors += 1
-                limiter.settle(reserved, 0, 0)
-                concurrency.on_overload()
-                raise
-            except APITimeoutError:
-                log.timeouts += 1
-                raise
-            except APIConnectionError:
-                log.connection_errors += 1
-                raise
-            except MalformedResponseError as exc:
-                log.malformed += 1
-                if exc.data is not None:
-                    log.bill(Usage.from_response(dict(exc.data)))
-                raise
-        finally:
-            concurrency.release()
+            )
+            concurrency.on_rate_limited()
+            raise
+        except ServerError:
+            log.server_errors += 1
+            limiter.settle(reserved, 0, 0)
+            concurrency.on_overload()
+            raise
+        except APITimeoutError:
+            log.timeouts += 1
+            raise
+        except APIConnectionError:
+            log.connection_errors += 1
+            raise
+        except MalformedResponseError as exc:
+            log.malformed += 1
+            if exc.data is not None:
+                log.bill(Usage.from_response(dict(exc.data)))
+            raise
         usage = Usage.from_response(reply.data)
         log.bill(usage)
         limiter.settle(reserved, usage.prompt_tokens, usage.completion_tokens)

@@ -36,6 +36,7 @@ __all__ = [
     "Pacer",
     "RateLimiter",
     "Reservation",
+    "Slot",
     "limits_from_headers",
 ]
 
@@ -253,6 +254,38 @@ class RateLimiter:
                 self._pacers[name] = Pacer(value, burst_s=self._burst_s)
             elif pacer.per_minute != value:
                 pacer.set_limit(value)
+
+
+class Slot:
+    """One worker's claim on a ``ConcurrencyLimit`` slot, kept across requests.
+
+    A worker that finishes a request keeps its slot for the next one, so the
+    steady state costs no hand-over between tasks. It lets go while it waits
+    for input or sits out a backoff, and when the limit shrinks below the
+    slots in use.
+    """
+
+    __slots__ = ("_limit", "held")
+
+    def __init__(self, limit: ConcurrencyLimit) -> None:
+        self._limit = limit
+        self.held = False
+
+    async def hold(self) -> None:
+        """Have a slot: keep the one held if the limit still allows it."""
+        limit = self._limit
+        if self.held:
+            if limit.in_flight <= limit.limit:
+                return
+            self.release()
+        await limit.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        """Let the slot go (if held)."""
+        if self.held:
+            self.held = False
+            self._limit.release()
 
 
 class ConcurrencyLimit:

@@ -96,7 +96,12 @@ class Retrier:
             self._on_retry(error, retry_state.upcoming_sleep)
 
     async def retry(
-        self, call: Callable[[], Awaitable[T]], failure: TransientError, started: float
+        self,
+        call: Callable[[], Awaitable[T]],
+        failure: TransientError,
+        started: float,
+        *,
+        sleep: Sleep | None = None,
     ) -> T:
         """Carry on after a first attempt failed with ``failure``.
 
@@ -108,6 +113,7 @@ class Retrier:
             call: Makes one more attempt.
             failure: The first attempt's error.
             started: When the first attempt started (``clock`` time).
+            sleep: Sleep to use for this call's backoffs instead of the default.
 
         Returns:
             The first successful attempt's value.
@@ -129,7 +135,7 @@ class Retrier:
             stop=stop_after_attempt(policy.max_attempts)
             | _StopAt(self._clock, started + policy.max_retry_time_s),
             wait=self._wait,
-            sleep=self._sleep,
+            sleep=sleep or self._sleep,
             reraise=True,
             before_sleep=self._before_sleep,
         )

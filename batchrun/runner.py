@@ -38,7 +38,7 @@ from .config import RunConfig
 from .errors import BatchrunError, CircuitBreakerError, FatalAPIError, InputError
 from .journal import JOURNAL_DIR, Journal, read_segment, segments
 from .payload import RequestBuilder
-from .ratelimit import ConcurrencyLimit, RateLimiter
+from .ratelimit import ConcurrencyLimit, RateLimiter, Slot
 from .records import PromptRecord, Result
 from .resume import (
     CompletedIndex,
@@ -253,6 +253,7 @@ class _Run:
                     concurrency=self.concurrency,
                     policy=cfg.retry,
                     clock=self.clock,
+                    sleep=self.sleep,
                     retrier=Retrier(cfg.retry, clock=self.clock, sleep=self.sleep),
                     raw_response=cfg.output.raw_response,
                 )
@@ -538,15 +539,27 @@ class _Run:
     ) -> None:
         caller = self.caller
         assert caller is not None
-        async with records, results:
-            while True:
-                try:
-                    record = await _take(records)
-                except anyio.EndOfStream:
-                    return
-                if self.stopped_by is not None:
-                    continue  # stopping: rows not yet started wait for the resume
-                await _put(results, await caller.call(record))
+        slot = Slot(self.concurrency)
+        try:
+            async with records, results:
+                while True:
+                    try:
+                        record = records.receive_nowait()
+                    except anyio.WouldBlock:
+                        # Nothing queued: let the slot go while waiting, so a
+                        # row coming out of its backoff is not held up.
+                        slot.release()
+                        try:
+                            record = await records.receive()
+                        except anyio.EndOfStream:
+                            return
+                    except anyio.EndOfStream:
+                        return
+                    if self.stopped_by is not None:
+                        continue  # stopping: rows not yet started wait for the resume
+                    await _put(results, await caller.call(record, slot))
+        finally:
+            slot.release()
 
     # -- writing ------------------------------------------------------------
 

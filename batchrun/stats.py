@@ -188,13 +188,13 @@ class StatsCollector:
         self.prior_wall_s = 0.0
         self.skipped = 0
         self.total = GroupStats()
-        self.session = GroupStats()
+        self._prior = GroupStats()
         self._groups: dict[tuple[str, str], GroupStats] = {}
 
     def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Count finished result rows."""
         groups = self._groups
-        total, session = self.total, self.session
+        total = self.total
         for row in rows:
             key = (row["model"], row["endpoint"])
             group = groups.get(key)
@@ -202,7 +202,16 @@ class StatsCollector:
                 group = groups[key] = GroupStats()
             group.add(row)
             total.add(row)
-            session.add(row)
+
+    @property
+    def session(self) -> GroupStats:
+        """The counters of this run alone (latencies not included)."""
+        session = GroupStats()
+        for name in _COUNTERS:
+            setattr(
+                session, name, getattr(self.total, name) - getattr(self._prior, name)
+            )
+        return session
 
     def elapsed(self) -> float:
         """Seconds since this run started."""
@@ -224,10 +233,9 @@ class StatsCollector:
         for item in data.get("groups", []):
             group = GroupStats.load(item)
             self._groups[(str(item["model"]), str(item["endpoint"]))] = group
-            for name in _COUNTERS:
-                setattr(
-                    self.total, name, getattr(self.total, name) + getattr(group, name)
-                )
+            for target in (self.total, self._prior):
+                for name in _COUNTERS:
+                    setattr(target, name, getattr(target, name) + getattr(group, name))
             self.total.latencies.merge(group.latencies)
 
     def usage_rows(self) -> list[dict[str, Any]]:
