@@ -31,6 +31,7 @@ from .retry import Retrier, Sleep
 
 __all__ = ["Caller", "failed_result"]
 
+_NO_TOKENS = Cost(0, 0)
 # A 429 without Retry-After still pauses the pool this long.
 DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 
@@ -139,13 +140,17 @@ class Caller:
         Raises:
             FatalAPIError: The key, model or URL is wrong; the run must stop.
         """
-        estimator = self.estimator
-        cost = Cost(
-            estimator.prompt_tokens(record), estimator.completion_tokens(record)
-        )
-        too_big = self.limiter.too_big(cost)
-        if too_big is not None:
-            return failed_result(record, f"RequestTooLargeError: {too_big}")
+        limiter = self.limiter
+        if limiter.counts_tokens:
+            estimator = self.estimator
+            cost = Cost(
+                estimator.prompt_tokens(record), estimator.completion_tokens(record)
+            )
+            too_big = limiter.too_big(cost)
+            if too_big is not None:
+                return failed_result(record, f"RequestTooLargeError: {too_big}")
+        else:
+            cost = _NO_TOKENS  # no token budget to reserve from
         log = AttemptLog()
         started = time.time()
         t0 = self._clock()

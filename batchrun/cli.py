@@ -295,6 +295,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("--quiet", action="store_true", help="no progress display")
     out.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="auto: uvloop when installed (pip install 'batchrun[fast]')",
+    )
+    out.add_argument(
         "--progress",
         choices=("auto", "bar", "lines", "off"),
         default="auto",
@@ -476,6 +482,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         ),
         progress=progress,
         grace_s=args.grace,
+        event_loop=args.event_loop,
     )
 
 

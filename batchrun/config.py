@@ -22,6 +22,7 @@ __all__ = [
     "PROVIDERS",
     "Endpoint",
     "EndpointConfig",
+    "EventLoop",
     "OutputOptions",
     "ProgressMode",
     "ProviderPreset",
@@ -33,6 +34,7 @@ __all__ = [
 
 Endpoint = Literal["completions", "chat"]
 ProgressMode = Literal["auto", "bar", "lines", "off"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 
 DEFAULT_CONCURRENCY = 32
 DEFAULT_TIMEOUT_S = 300.0
@@ -303,6 +305,9 @@ class RunConfig:
             ``bar``, ``lines`` or ``off``.
         grace_s: On SIGINT/SIGTERM, how long requests in flight may finish
             before they are cancelled.
+        event_loop: ``auto`` uses uvloop when it is installed (the ``fast``
+            extra), else asyncio's own loop. Only ``run`` uses it; ``arun``
+            runs in the caller's loop.
     """
 
     inputs: tuple[Path, ...]
@@ -314,8 +319,13 @@ class RunConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress: ProgressMode = "auto"
     grace_s: float = DEFAULT_GRACE_S
+    event_loop: EventLoop = "auto"
 
     def __post_init__(self) -> None:
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError(
+                f"event_loop must be auto, asyncio or uvloop, got {self.event_loop!r}"
+            )
         if not self.grace_s >= 0:
             raise ConfigError(f"grace must not be negative, got {self.grace_s}")
         if not self.inputs:

@@ -72,10 +72,10 @@ def _record(
     body: JSONObject,
     prompt: str,
     extra: JSONObject | None,
+    hashed: bool,
 ) -> PromptRecord:
-    return PromptRecord(
-        row_id, endpoint, body, prompt, extra, request_hash(endpoint, body)
-    )
+    digest = request_hash(endpoint, body) if hashed else 0
+    return PromptRecord(row_id, endpoint, body, prompt, extra, digest)
 
 
 def _check_messages(messages: object, field: str) -> list[JSONObject]:
@@ -187,17 +187,24 @@ class RequestBuilder:
                         "column used by the template is missing", field=name
                     )
             return
-        self.build(row, "")
+        self.build(row, "", hashed=False)
 
-    def build(self, row: Mapping[str, Any], row_id: str) -> PromptRecord:
+    def build(
+        self, row: Mapping[str, Any], row_id: str, *, hashed: bool = True
+    ) -> PromptRecord:
         """Make the request for one row.
+
+        Args:
+            row: The input row.
+            row_id: Its id.
+            hashed: Compute ``request_hash`` (the scan's checks skip it).
 
         Raises:
             InputError: The row lacks what its request needs.
         """
         opts = self.options
         if is_batch_row(row):
-            return self._build_batch(row, row_id)
+            return self._build_batch(row, row_id, hashed)
         if self._template is not None:
             try:
                 text = self._template.render(row)
@@ -214,8 +221,9 @@ class RequestBuilder:
                     f"template failed: {type(exc).__name__}: {exc}"
                 ) from exc
             if opts.endpoint == "chat":
-                return self._chat(row, row_id, [{"role": "user", "content": text}])
-            return self._completion(row, row_id, text)
+                user = [{"role": "user", "content": text}]
+                return self._chat(row, row_id, user, hashed)
+            return self._completion(row, row_id, text, hashed)
         prompt = row.get(opts.prompt_column)
         messages = row.get(opts.messages_column)
         endpoint = opts.endpoint
@@ -223,11 +231,11 @@ class RequestBuilder:
             endpoint = "completions" if prompt is not None else "chat"
         if endpoint == "chat":
             if messages is not None:
-                return self._chat(
-                    row, row_id, _check_messages(messages, opts.messages_column)
-                )
+                checked = _check_messages(messages, opts.messages_column)
+                return self._chat(row, row_id, checked, hashed)
             if isinstance(prompt, str):
-                return self._chat(row, row_id, [{"role": "user", "content": prompt}])
+                user = [{"role": "user", "content": prompt}]
+                return self._chat(row, row_id, user, hashed)
             if prompt is None:
                 raise InputError(
                     f"row has neither {opts.prompt_column!r}"
@@ -244,7 +252,7 @@ class RequestBuilder:
             if prompt is None:
                 raise InputError("is missing", field=opts.prompt_column)
             raise InputError("must be a string", field=opts.prompt_column)
-        return self._completion(row, row_id, prompt)
+        return self._completion(row, row_id, prompt, hashed)
 
     def _model(self, body_model: object = None) -> str:
         model = body_model if body_model is not None else self.options.model
@@ -261,13 +269,17 @@ class RequestBuilder:
         return {name: row.get(name) for name in keep}
 
     def _completion(
-        self, row: Mapping[str, Any], row_id: str, prompt: str
+        self, row: Mapping[str, Any], row_id: str, prompt: str, hashed: bool
     ) -> PromptRecord:
         body: JSONObject = {"model": self._model(), "prompt": prompt, **self._params}
-        return _record(row_id, "completions", body, prompt, self._extra(row))
+        return _record(row_id, "completions", body, prompt, self._extra(row), hashed)
 
     def _chat(
-        self, row: Mapping[str, Any], row_id: str, messages: list[JSONObject]
+        self,
+        row: Mapping[str, Any],
+        row_id: str,
+        messages: list[JSONObject],
+        hashed: bool,
     ) -> PromptRecord:
         system = self.options.system
         if system is not None and messages[0].get("role") != "system":
@@ -278,9 +290,11 @@ class RequestBuilder:
             **self._params,
         }
         text = orjson.dumps(messages).decode()
-        return _record(row_id, "chat", body, text, self._extra(row))
+        return _record(row_id, "chat", body, text, self._extra(row), hashed)
 
-    def _build_batch(self, row: Mapping[str, Any], row_id: str) -> PromptRecord:
+    def _build_batch(
+        self, row: Mapping[str, Any], row_id: str, hashed: bool
+    ) -> PromptRecord:
         method = row.get("method", "POST")
         if method != "POST":
             raise InputError(f"method must be POST, got {method!r}", field="method")
@@ -299,7 +313,7 @@ class RequestBuilder:
             if not isinstance(prompt, str):
                 raise InputError("must be a string", field="body.prompt")
             text = prompt
-        return _record(row_id, endpoint, body, text, self._extra(row))
+        return _record(row_id, endpoint, body, text, self._extra(row), hashed)
 
 
 # Before any usage is seen: English text runs about four characters a token.

@@ -170,6 +170,11 @@ class RateLimiter:
         self.paused_until = -math.inf
         self.rate_limited = 0
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether any token budget is in force (then requests need estimates)."""
+        return len(self._pacers) > ("rpm" in self._pacers)
+
     def limits(self) -> dict[str, float]:
         """The per-minute limits in force now."""
         return {name: pacer.per_minute for name, pacer in self._pacers.items()}

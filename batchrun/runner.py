@@ -35,7 +35,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .calls import Caller, failed_result
 from .client import APIClient
 from .config import RunConfig
-from .errors import BatchrunError, CircuitBreakerError, FatalAPIError, InputError
+from .errors import (
+    BatchrunError,
+    CircuitBreakerError,
+    ConfigError,
+    FatalAPIError,
+    InputError,
+)
 from .journal import JOURNAL_DIR, Journal, read_segment, segments
 from .payload import RequestBuilder
 from .ratelimit import ConcurrencyLimit, RateLimiter, Slot
@@ -99,7 +105,27 @@ def run(config: RunConfig) -> RunStats:
         OutputError: Results could not be written; run aborted.
     """
     main = threading.current_thread() is threading.main_thread()
-    return anyio.run(_arun_signals if main else arun, config, backend="asyncio")
+    return anyio.run(
+        _arun_signals if main else arun,
+        config,
+        backend="asyncio",
+        backend_options={"use_uvloop": _use_uvloop(config.event_loop)},
+    )
+
+
+def _use_uvloop(choice: str) -> bool:
+    """Whether to run on uvloop: asked for, or ``auto`` and installed."""
+    if choice == "asyncio":
+        return False
+    try:
+        import uvloop  # noqa: F401  (only probing whether it is installed)
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "--event-loop uvloop needs uvloop: pip install 'batchrun[fast]'"
+            ) from None
+        return False
+    return True
 
 
 async def _arun_signals(config: RunConfig) -> RunStats:

@@ -49,6 +49,7 @@ __all__ = [
 RESULTS_DIR = "results"
 LOG_KEY = "_log"
 DEFAULT_COMPACT_ROWS = 250_000
+COMPACT_MIN_PARTS = 16
 Row = dict[str, Any]
 USAGE_FILE = "usage.parquet"
 MANIFEST_FILE = "manifest.json"
@@ -296,6 +297,7 @@ def compact(
     *,
     dedupe: bool,
     target_rows: int = DEFAULT_COMPACT_ROWS,
+    min_parts: int = COMPACT_MIN_PARTS,
 ) -> int:
     """Rewrite the parts as few large files, each id once (latest wins). Blocking.
 
@@ -308,6 +310,8 @@ def compact(
         schema: The parts' schema.
         dedupe: Some ids may occur more than once (the output was resumed).
         target_rows: Rows per compacted file.
+        min_parts: Leave at most this many parts alone when no id repeats:
+            a few files of a thousand rows are fine to read; thousands are not.
 
     Returns:
         The number of part files afterwards.
@@ -321,7 +325,7 @@ def compact(
         if len(keep) == total:
             keep = None
     sizes = [pq.ParquetFile(p).metadata.num_rows for _, p in parts]
-    if keep is None and (len(parts) == 1 or max(sizes) >= target_rows):
+    if keep is None and (len(parts) <= min_parts or max(sizes) >= target_rows):
         return len(parts)
     temps: list[Path] = []
     writer: pq.ParquetWriter | None = None

@@ -65,10 +65,16 @@ if __name__ == "__main__":
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--model", default="mock-model")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     arguments = parser.parse_args()
     rows = [
         orjson.loads(line)["prompt"]
         for line in Path(arguments.input).read_bytes().splitlines()
         if line.strip()
     ]
-    asyncio.run(main(arguments, rows))
+    if arguments.uvloop:
+        import uvloop
+
+        uvloop.run(main(arguments, rows))
+    else:
+        asyncio.run(main(arguments, rows))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--uvloop", action="store_true", help="also on uvloop")
     args = parser.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
@@ -107,35 +109,24 @@ def main() -> None:
             handle.write(
                 json.dumps({"id": f"r{i}", "prompt": f"Benchmark prompt {i}:"}) + "\n"
             )
-    clients = {
-        "bare aiohttp": lambda n: [
-            sys.executable,
-            str(HERE / "bare_aiohttp.py"),
-            str(inp),
-            "--base-url",
-            base,
-            "--concurrency",
-            str(args.concurrency),
-        ],
-        "batchrun": lambda n: [
-            sys.executable,
-            "-m",
-            "batchrun",
-            "run",
-            str(inp),
-            "-o",
-            str(work / f"out{n}"),
-            "--base-url",
-            base,
-            "--model",
-            "mock-model",
-            "--max-tokens",
-            "16",
-            "--quiet",
-            "--concurrency",
-            str(args.concurrency),
-        ],
+    bare = [sys.executable, str(HERE / "bare_aiohttp.py"), str(inp), "--base-url", base,
+            "--concurrency", str(args.concurrency)]  # fmt: skip
+
+    def batchrun(loop: str) -> Callable[[int], list[str]]:
+        return lambda n: [
+            sys.executable, "-m", "batchrun", "run", str(inp),
+            "-o", str(work / f"out{n}"), "--base-url", base, "--model", "mock-model",
+            "--max-tokens", "16", "--quiet", "--concurrency", str(args.concurrency),
+            "--event-loop", loop,
+        ]  # fmt: skip
+
+    clients: dict[str, Callable[[int], list[str]]] = {
+        "bare aiohttp": lambda n: bare,
+        "batchrun": batchrun("asyncio"),
     }
+    if args.uvloop:
+        clients["bare+uvloop"] = lambda n: [*bare, "--uvloop"]
+        clients["batchrun+uvloop"] = batchrun("uvloop")
     server = start_server(port, args.latency_ms)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in clients}
     try:
@@ -151,14 +142,14 @@ def main() -> None:
         f"{args.rows} rows, concurrency {args.concurrency},"
         f" latency {args.latency_ms:g} ms, {args.rounds} rounds (medians)"
     )
-    print(f"{'client':<14} {'req/s':>8} {'CPU s/1k req':>13} {'peak RSS MB':>12}")
+    print(f"{'client':<16} {'req/s':>8} {'CPU s/1k req':>13} {'peak RSS MB':>12}")
     summary = {}
     for name, runs in results.items():
         rps = statistics.median(args.rows / r["wall_s"] for r in runs)
         cpu = statistics.median(r["cpu_s"] / args.rows * 1000 for r in runs)
         rss = statistics.median(r["rss_mb"] for r in runs)
         summary[name] = (rps, cpu)
-        print(f"{name:<14} {rps:>8.0f} {cpu:>13.3f} {rss:>12.0f}")
+        print(f"{name:<16} {rps:>8.0f} {cpu:>13.3f} {rss:>12.0f}")
     bare, ours = summary["bare aiohttp"], summary["batchrun"]
     print(
         f"batchrun/bare throughput ratio: {ours[0] / bare[0]:.2f}; "
