@@ -155,7 +155,7 @@ class Caller:
         started = time.time()
         t0 = self._clock()
 
-        async def attempt() -> Reply:
+        async def attempt() -> tuple[Reply, Usage]:
             await slot.hold()
             return await self._attempt(record, cost, log)
 
@@ -165,9 +165,11 @@ class Caller:
 
         try:
             try:
-                reply = await attempt()
+                reply, usage = await attempt()
             except TransientError as failure:
-                reply = await self._retrier.retry(attempt, failure, t0, sleep=backoff)
+                reply, usage = await self._retrier.retry(
+                    attempt, failure, t0, sleep=backoff
+                )
         except (TransientError, PermanentError) as exc:
             return self._failure(record, exc, log, started, self._clock() - t0)
         latency = self._clock() - t0
@@ -183,7 +185,7 @@ class Caller:
             completion=None if first is None else first["text"],
             choices=choices,
             finish_reason=None if first is None else first["finish_reason"],
-            usage=Usage.from_response(data),
+            usage=usage,
             response=reply.raw.decode("utf-8", "replace") if self._raw else None,
             http_status=reply.status,
             attempts=log.attempts,
@@ -216,7 +218,7 @@ class Caller:
 
     async def _attempt(
         self, record: PromptRecord, cost: Cost, log: AttemptLog
-    ) -> Reply:
+    ) -> tuple[Reply, Usage]:
         """One HTTP attempt inside the rate budgets (the caller holds a slot)."""
         log.attempts += 1
         limiter = self.limiter
@@ -260,4 +262,4 @@ class Caller:
         limiter.follow(reply.headers)
         self.estimator.observe(record, usage.prompt_tokens, usage.completion_tokens)
         concurrency.on_success()
-        return reply
+        return reply, usage

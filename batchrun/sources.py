@@ -24,6 +24,7 @@ from .errors import InputError
 __all__ = ["DEFAULT_BATCH_ROWS", "IdSet", "RowBatch", "expand_inputs", "iter_batches"]
 
 DEFAULT_BATCH_ROWS = 1024
+_PYTHON_SET_LIMIT = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,11 +202,21 @@ class IdSet:
         import pyarrow.compute as pc  # deferred: 60 ms of start-up otherwise
 
         hashes = self._hashes
+        if len(hashes) <= _PYTHON_SET_LIMIT:
+            # Small inputs: a Python set is quicker than importing Arrow compute.
+            seen: set[int] = set()
+            repeated: set[int] = set()
+            for key in hashes:
+                if key in seen:
+                    repeated.add(key)
+                else:
+                    seen.add(key)
+            return repeated
         values = pa.Array.from_buffers(
             pa.int64(), len(hashes), [None, pa.py_buffer(hashes)]
         )
         if pc.count_distinct(values).as_py() == len(values):
             return set()
         counts = pc.value_counts(values)
-        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-        return set(repeated.field("values").to_pylist())
+        many = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+        return set(many.field("values").to_pylist())
