@@ -2,7 +2,8 @@
 
 One ClientSession, N workers pulling prompts from a shared iterator, each
 POSTing to /v1/completions and parsing the JSON answer. No retries, no rate
-limits, no output. Prints one JSON line: rows, wall_s, first_request_s.
+limits, no output. Prints one JSON line: rows, wall_s, first_request_s (from
+the start of the script), and first_request_at / last_response_at (Unix time).
 
     python benchmarks/bare_aiohttp.py INPUT.jsonl --base-url URL --concurrency 64
 """
@@ -26,13 +27,13 @@ async def main(args: argparse.Namespace, prompts: list[str]) -> None:
     url = args.base_url.rstrip("/") + "/completions"
     rows = iter(prompts)
     done = 0
-    first: list[float] = []
+    first: list[tuple[float, float]] = []
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal done
         for prompt in rows:
             if not first:
-                first.append(time.perf_counter())
+                first.append((time.perf_counter(), time.time()))
             body = orjson.dumps(
                 {"model": args.model, "prompt": prompt, "max_tokens": 16}
             )
@@ -48,11 +49,14 @@ async def main(args: argparse.Namespace, prompts: list[str]) -> None:
         start = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
         wall = time.perf_counter() - start
+        last_response_at = time.time()
     json.dump(
         {
             "rows": done,
             "wall_s": wall,
-            "first_request_s": first[0] - T0 if first else None,
+            "first_request_s": first[0][0] - T0 if first else None,
+            "first_request_at": first[0][1] if first else None,
+            "last_response_at": last_response_at,
         },
         sys.stdout,
     )
