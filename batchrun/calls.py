@@ -68,6 +68,7 @@ def failed_result(
         extra=record.extra,
         log=log,
         request_hash=record.request_hash,
+        variant=record.variant,
     )
 
 
@@ -196,6 +197,7 @@ class Caller:
             extra=record.extra,
             log=log if log.attempts > 1 else None,
             request_hash=record.request_hash,
+            variant=record.variant,
         )
 
     def _failure(

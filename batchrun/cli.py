@@ -27,6 +27,7 @@ from .config import (
     PROVIDERS,
     EndpointConfig,
     OutputOptions,
+    Price,
     ProgressMode,
     RateLimits,
     RequestOptions,
@@ -40,6 +41,7 @@ from .errors import (
     InputError,
     OutputError,
 )
+from .jobfile import Job, inputs_of, load_job, to_tokens
 
 __all__ = [
     "EXIT_ABORTED",
@@ -102,31 +104,11 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="batchrun",
-        description="Run large batches of LLM requests against OpenAI-compatible APIs.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"batchrun {__version__}"
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="show tracebacks for errors"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    run = sub.add_parser(
-        "run",
-        help="run a batch",
-        description="Send one request per input row and write results to OUT.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    """The options of ``run`` (and ``estimate``, which takes the same)."""
     run.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         type=Path,
         metavar="INPUT",
         help="JSONL (.jsonl, .json, .jsonl.gz) or Parquet file or directory",
@@ -134,7 +116,6 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-o",
         "--output",
-        required=True,
         type=Path,
         metavar="OUT",
         help="output directory",
@@ -306,6 +287,76 @@ def _build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress display (default auto: a bar on a terminal)",
     )
+    run.add_argument(
+        "--config",
+        type=Path,
+        metavar="JOB.toml",
+        help="read options, [sweep], [[variant]] and [pricing] from a job file;"
+        " flags given here win",
+    )
+    cost = run.add_argument_group("cost")
+    cost.add_argument(
+        "--price-input",
+        type=float,
+        metavar="USD",
+        help="USD per million prompt tokens (job files can price each model)",
+    )
+    cost.add_argument(
+        "--price-output",
+        type=float,
+        metavar="USD",
+        help="USD per million completion tokens",
+    )
+
+
+def _build_parser() -> tuple[
+    argparse.ArgumentParser, dict[str, argparse.ArgumentParser]
+]:
+    """The parser, and the subcommands' parsers by name."""
+    parser = _Parser(
+        prog="batchrun",
+        description="Run large batches of LLM requests against OpenAI-compatible APIs.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"batchrun {__version__}"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show tracebacks for errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run",
+        help="run a batch",
+        description="Send one request per input row (per sweep cell) and write"
+        " results to OUT. Running it again resumes.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_run_options(run)
+    estimate = sub.add_parser(
+        "estimate",
+        help="estimate tokens, cost and duration without sending anything",
+        description="Read the input like 'run' would and print rows x variants,"
+        " prompt tokens, the most completion tokens, the cost range and the"
+        " shortest duration under the rate limits. Sends no request.",
+    )
+    _add_run_options(estimate)
+    export = sub.add_parser(
+        "export",
+        help="export results to OpenAI batch format, JSONL or one Parquet file",
+        description="Write the results in OUT (each id once, latest wins) to FILE.",
+    )
+    export.add_argument("output", type=Path, metavar="OUT")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("openai-batch", "jsonl", "parquet"),
+        help="openai-batch: Batch API output lines; jsonl: flat rows; parquet",
+    )
+    export.add_argument("-o", dest="dest", required=True, type=Path, metavar="FILE")
 
     status = sub.add_parser(
         "status",
@@ -385,7 +436,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="VAR",
         help="answer 401 unless the bearer token equals $VAR",
     )
-    return parser
+    return parser, {"run": run, "estimate": estimate}
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -426,7 +477,52 @@ def _endpoint(args: argparse.Namespace) -> EndpointConfig:
     )
 
 
-def _run_config(args: argparse.Namespace) -> RunConfig:
+def _with_job(
+    parser: argparse.ArgumentParser,
+    commands: dict[str, argparse.ArgumentParser],
+    args: argparse.Namespace,
+    argv: list[str],
+) -> tuple[argparse.Namespace, Job | None]:
+    """Merge ``--config JOB.toml`` into the arguments; flags given win."""
+    if args.config is None:
+        return args, None
+    command = commands[args.command]
+    flags: dict[str, str] = {}
+    for action in command._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest not in ("help", "config"):
+            flags.setdefault(action.dest, longs[0])
+    known = {*flags, "inputs"}
+    job = load_job(args.config, known)
+    given = {
+        dest
+        for dest, flag in flags.items()
+        for token in argv
+        if token == flag or token.startswith(flag + "=")
+    }
+    tokens = to_tokens(job.options, flags, given)
+    position = argv.index(args.command) + 1
+    inputs = [] if args.inputs else list(inputs_of(job.options))
+    merged = [*argv[:position], *inputs, *tokens, *argv[position:]]
+    return parser.parse_args(merged), job
+
+
+def _pricing(args: argparse.Namespace, job: Job | None) -> dict[str, Price]:
+    prices = dict(job.pricing) if job is not None else {}
+    if args.price_input is not None or args.price_output is not None:
+        prices.setdefault(
+            "*",
+            Price(
+                input_per_m=args.price_input or 0.0,
+                output_per_m=args.price_output or 0.0,
+            ),
+        )
+    return prices
+
+
+def _run_config(
+    args: argparse.Namespace, job: Job | None, *, estimate: bool = False
+) -> RunConfig:
     params: dict[str, Any] = {}
     for _, field, _ in _SAMPLING:
         value = getattr(args, field)
@@ -447,16 +543,23 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
             ) from exc
     keep = tuple(c.strip() for c in (args.keep_columns or "").split(",") if c.strip())
     progress: ProgressMode = "off" if args.quiet else args.progress
+    if args.output is None and not estimate:
+        raise ConfigError("-o OUT is required (or output in the job file)")
+    if estimate and not (args.provider or args.base_url):
+        # Nothing is sent: any endpoint will do for the estimate.
+        endpoint = EndpointConfig(mock=True)
+    else:
+        endpoint = _endpoint(args)
     return RunConfig(
         inputs=tuple(args.inputs),
         output=OutputOptions(
-            out_dir=args.output,
+            out_dir=args.output or Path("."),
             overwrite=args.overwrite,
             raw_response=not args.no_raw,
             skip_failed=args.skip_failed,
             fsync=args.fsync,
         ),
-        endpoint=_endpoint(args),
+        endpoint=endpoint,
         request=RequestOptions(
             model=args.model,
             endpoint=args.endpoint,
@@ -483,6 +586,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         progress=progress,
         grace_s=args.grace,
         event_loop=args.event_loop,
+        variants=job.variants if job is not None else (),
+        pricing=_pricing(args, job),
     )
 
 
@@ -495,10 +600,10 @@ def _resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["batchrun", *(a for a in argv if a != "--overwrite")])
 
 
-def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _cmd_run(args: argparse.Namespace, job: Job | None, argv: Sequence[str]) -> int:
     from .runner import run
 
-    stats = run(_run_config(args))
+    stats = run(_run_config(args, job))
     if stats.stopped_by is not None:
         print(stats.summary(), file=sys.stderr)
         print(
@@ -510,6 +615,21 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not args.quiet:
         print(stats.summary(), file=sys.stderr)
     return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ROWS
+
+
+def _cmd_estimate(args: argparse.Namespace, job: Job | None) -> int:
+    from .estimate import estimate_run
+
+    print(estimate_run(_run_config(args, job, estimate=True)).report())
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_results
+
+    rows = export_results(args.output, args.format, args.dest)
+    print(f"wrote {rows} rows to {args.dest}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -560,12 +680,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "--verbose" in argv
     error: BatchrunError
     try:
-        args = _build_parser().parse_args(argv)
+        parser, commands = _build_parser()
+        args = parser.parse_args(argv)
         if args.command == "serve-mock":
             return _cmd_serve_mock(args)
         if args.command == "status":
             return _cmd_status(args)
-        return _cmd_run(args, argv)
+        if args.command == "export":
+            return _cmd_export(args)
+        args, job = _with_job(parser, commands, args, argv)
+        if args.command == "estimate":
+            return _cmd_estimate(args, job)
+        return _cmd_run(args, job, argv)
     except KeyboardInterrupt:
         print("batchrun: interrupted; finished results are saved", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,7 +7,7 @@ Nothing here reads the environment or the file system: ``cli.py`` does that.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -24,12 +24,14 @@ __all__ = [
     "EndpointConfig",
     "EventLoop",
     "OutputOptions",
+    "Price",
     "ProgressMode",
     "ProviderPreset",
     "RateLimits",
     "RequestOptions",
     "RetryPolicy",
     "RunConfig",
+    "Variant",
 ]
 
 Endpoint = Literal["completions", "chat"]
@@ -288,6 +290,57 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Variant:
+    """One cell of a sweep: overrides applied to every input row.
+
+    Args:
+        name: Stable and readable, e.g. ``model=m1,temperature=0.7,template=a``.
+        model: Overrides the model.
+        template: Overrides the template (its text).
+        params: Overrides or adds body fields.
+        columns: Result columns that identify the cell (``model`` aside):
+            ``template`` (its name) and each swept parameter.
+    """
+
+    name: str
+    model: str | None = None
+    template: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    columns: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("a sweep variant needs a name")
+
+    def apply(self, base: RequestOptions) -> RequestOptions:
+        """``base`` with this variant's overrides."""
+        return replace(
+            base,
+            model=self.model if self.model is not None else base.model,
+            template=self.template if self.template is not None else base.template,
+            params={**base.params, **self.params},
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Price:
+    """USD per million tokens."""
+
+    input_per_m: float
+    output_per_m: float
+
+    def __post_init__(self) -> None:
+        if not (self.input_per_m >= 0 and self.output_per_m >= 0):
+            raise ConfigError("prices must not be negative")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The cost in USD of these tokens."""
+        return (
+            prompt_tokens * self.input_per_m + completion_tokens * self.output_per_m
+        ) / 1_000_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunConfig:
     """Everything one run needs.
 
@@ -308,6 +361,10 @@ class RunConfig:
         event_loop: ``auto`` uses uvloop when it is installed (the ``fast``
             extra), else asyncio's own loop. Only ``run`` uses it; ``arun``
             runs in the caller's loop.
+        variants: Sweep cells; every row is sent once per variant. Empty
+            means one plain request per row.
+        pricing: USD per million tokens by model; ``"*"`` applies to models
+            not listed. Used for ``cost_usd`` in the usage table.
     """
 
     inputs: tuple[Path, ...]
@@ -320,6 +377,8 @@ class RunConfig:
     progress: ProgressMode = "auto"
     grace_s: float = DEFAULT_GRACE_S
     event_loop: EventLoop = "auto"
+    variants: tuple[Variant, ...] = ()
+    pricing: Mapping[str, Price] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.event_loop not in ("auto", "asyncio", "uvloop"):
@@ -330,6 +389,9 @@ class RunConfig:
             raise ConfigError(f"grace must not be negative, got {self.grace_s}")
         if not self.inputs:
             raise ConfigError("no input files given")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ConfigError("two sweep variants have the same name")
         if not 1 <= self.concurrency <= 100_000:
             raise ConfigError(
                 f"concurrency must be between 1 and 100000, got {self.concurrency}"

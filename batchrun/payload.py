@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .config import Endpoint, RequestOptions
+from .config import Endpoint, RequestOptions, Variant
 from .errors import ConfigError, InputError
 from .records import JSONObject, PromptRecord
 
@@ -25,6 +25,7 @@ __all__ = [
     "BATCH_FIELDS",
     "RequestBuilder",
     "TokenEstimator",
+    "cells",
     "endpoint_from_url",
     "is_batch_row",
     "request_hash",
@@ -373,3 +374,16 @@ class TokenEstimator:
         if completion_tokens is not None:
             self._completion += completion_tokens
             self._replies += 1
+
+
+def cells(
+    base: RequestOptions, variants: tuple[Variant, ...]
+) -> list[tuple[Variant | None, RequestBuilder]]:
+    """One builder per sweep cell; a run without a sweep is one cell.
+
+    Raises:
+        ConfigError: A variant's template does not compile.
+    """
+    if not variants:
+        return [(None, RequestBuilder(base))]
+    return [(variant, RequestBuilder(variant.apply(base))) for variant in variants]

@@ -60,6 +60,7 @@ class PromptRecord:
         extra: Input columns to carry into the result (``--keep-columns``).
         request_hash: A 64-bit hash of endpoint and body; resume re-runs a row
             whose request changed since it was answered.
+        variant: The sweep cell this request belongs to, if any.
     """
 
     id: str
@@ -68,6 +69,7 @@ class PromptRecord:
     prompt: str
     extra: JSONObject | None = None
     request_hash: int = 0
+    variant: str | None = None
 
     @property
     def model(self) -> str:
@@ -121,6 +123,7 @@ class Result:
     extra: JSONObject | None = None
     log: AttemptLog | None = None
     request_hash: int = 0
+    variant: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -27,7 +27,15 @@ import pyarrow as pa
 from .config import RunConfig
 from .errors import ConfigError
 from .journal import JOURNAL_DIR, read_segment, segments
-from .sinks import MANIFEST_FILE, RESULTS_DIR, latest_rows, list_parts, read_parts
+from .sinks import (
+    MANIFEST_FILE,
+    RESULTS_DIR,
+    key_of,
+    latest_rows,
+    list_parts,
+    read_parts,
+    row_keys,
+)
 from .stats import StatsCollector
 
 __all__ = [
@@ -174,14 +182,15 @@ class CompletedIndex:
 
         first, second, hashes = array("q"), array("q"), array("q")
         oks = bytearray()
-        for table in read_parts(results_dir, ["id", "status", "request_hash"]):
-            for row_id, status, digest in zip(
-                table.column("id").to_pylist(),
+        wanted = ["id", "variant", "status", "request_hash"]
+        for table in read_parts(results_dir, wanted):
+            for key, status, digest in zip(
+                row_keys(table).to_pylist(),
                 table.column("status").to_pylist(),
                 table.column("request_hash").to_pylist(),
                 strict=True,
             ):
-                a, b = _keys(row_id)
+                a, b = _keys(key)
                 first.append(a)
                 second.append(b)
                 hashes.append(digest or 0)
@@ -211,9 +220,9 @@ class CompletedIndex:
     def __len__(self) -> int:
         return len(self._a)
 
-    def lookup(self, row_id: str) -> Prior | None:
-        """The latest result for ``row_id``, if there is one."""
-        a, b = _keys(row_id)
+    def lookup(self, row_id: str, variant: str | None = None) -> Prior | None:
+        """The latest result for ``row_id`` (in ``variant``), if there is one."""
+        a, b = _keys(key_of(row_id, variant))
         keys = self._a
         i = bisect_left(keys, a)
         while i < len(keys) and keys[i] == a:
@@ -223,24 +232,35 @@ class CompletedIndex:
         return None
 
 
-def _latest_statuses(out_dir: Path, parts_through: int) -> tuple[int, int]:
-    """(ok, failed) over distinct ids, the latest result of each winning."""
-    ids: list[pa.Array] = []
-    statuses: list[pa.Array] = []
-    for table in read_parts(out_dir / RESULTS_DIR, ["id", "status"]):
-        ids.append(table.column("id").combine_chunks())
-        statuses.append(table.column("status").combine_chunks())
+def _latest_statuses(out_dir: Path, parts_through: int) -> dict[str | None, list[int]]:
+    """[ok, failed] per sweep variant (None: no sweep), latest result winning."""
+    tables: list[pa.Table] = list(
+        read_parts(out_dir / RESULTS_DIR, ["id", "variant", "status"])
+    )
     for number, path in segments(out_dir / JOURNAL_DIR):
         if number > parts_through:
             rows = list(read_segment(path))
-            ids.append(pa.array([r.get("id") for r in rows], pa.string()))
-            statuses.append(pa.array([r.get("status") for r in rows], pa.string()))
-    if not ids:
-        return 0, 0
-    all_statuses = pa.chunked_array(statuses, pa.string())
-    latest = all_statuses.take(latest_rows(pa.chunked_array(ids, pa.string())))
-    ok = sum(1 for status in latest.to_pylist() if status == "ok")
-    return ok, len(latest) - ok
+            tables.append(
+                pa.table(
+                    {
+                        name: pa.array([r.get(name) for r in rows], pa.string())
+                        for name in ("id", "variant", "status")
+                    }
+                )
+            )
+    counts: dict[str | None, list[int]] = {}
+    if not tables:
+        return counts
+    table = pa.concat_tables(tables)
+    keys = pa.chunked_array([row_keys(t) for t in tables], pa.string())
+    latest = table.take(latest_rows(keys))
+    for variant, status in zip(
+        latest.column("variant").to_pylist(),
+        latest.column("status").to_pylist(),
+        strict=True,
+    ):
+        counts.setdefault(variant, [0, 0])[0 if status == "ok" else 1] += 1
+    return counts
 
 
 def _alive(pid: object) -> bool:
@@ -265,13 +285,17 @@ def status_report(out_dir: Path) -> str:
     if manifest is None:
         raise ConfigError(f"{out_dir} holds no batchrun run (no manifest.json)")
     parts_through = int(manifest.get("parts_through", -1))
-    ok, failed = _latest_statuses(out_dir, parts_through)
+    by_variant = _latest_statuses(out_dir, parts_through)
+    ok = sum(c[0] for c in by_variant.values())
+    failed = sum(c[1] for c in by_variant.values())
+    cells = max(1, len(manifest.get("variants") or []))
     stats = StatsCollector()
     stats.restore(manifest.get("stats", {}))
     for number, path in segments(out_dir / JOURNAL_DIR):
         if number > parts_through:
             stats.record(list(read_segment(path)))
-    total = manifest.get("counts", {}).get("input_rows")
+    rows = manifest.get("counts", {}).get("input_rows")
+    total = None if rows is None else rows * cells
     state = manifest.get("status", "unknown")
     if state == "running":
         state = (
@@ -288,12 +312,19 @@ def status_report(out_dir: Path) -> str:
         else "never"
     )
     t = stats.total
-    of = f" of {total}" if total is not None else ""
     todo = f", {total - ok - failed} not reached" if total is not None else ""
+    names = list(manifest.get("variants") or [])
+    names += sorted(n for n in by_variant if n is not None and n not in names)
+    per_variant = []
+    for name in names:
+        done_ok, done_failed = by_variant.get(name, [0, 0])
+        left = "" if rows is None else f", {rows - done_ok - done_failed} not reached"
+        per_variant.append(f"  {name}: {done_ok} ok, {done_failed} failed{left}")
     return "\n".join(
         [
             f"{out_dir}: {state}",
-            f"rows: {ok} ok, {failed} failed{todo}{of and f' ({total} input rows)'}",
+            f"rows: {ok} ok, {failed} failed{todo}",
+            *per_variant,
             f"requests: {t.attempts} attempts, {t.retries} retries,"
             f" {t.rate_limited} rate-limited",
             f"tokens so far: {t.prompt_tokens} prompt + {t.completion_tokens}"

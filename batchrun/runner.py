@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .calls import Caller, failed_result
 from .client import APIClient
-from .config import RunConfig
+from .config import RunConfig, Variant
 from .errors import (
     BatchrunError,
     CircuitBreakerError,
@@ -43,7 +43,7 @@ from .errors import (
     InputError,
 )
 from .journal import JOURNAL_DIR, Journal, read_segment, segments
-from .payload import RequestBuilder
+from .payload import RequestBuilder, cells
 from .ratelimit import ConcurrencyLimit, RateLimiter, Slot
 from .records import PromptRecord, Result
 from .resume import (
@@ -63,6 +63,7 @@ from .sinks import (
     clear_output,
     compact,
     has_output,
+    infer_type,
     list_parts,
     open_output,
     result_row,
@@ -223,7 +224,10 @@ class _Run:
         self.sleep = sleep
         self.out_dir = config.output.out_dir
         self.builder = RequestBuilder(config.request)
-        self.stats = StatsCollector(clock)
+        # One builder per sweep cell; a plain run is a single cell.
+        self.cells = cells(config.request, config.variants)
+        self.cell_values = {v.name: dict(v.columns) for v in config.variants}
+        self.stats = StatsCollector(clock, pricing=config.pricing)
         self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
         self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock)
         self.circuit = _CircuitBreaker()
@@ -253,7 +257,7 @@ class _Run:
         cfg = self.config
         self.files = expand_inputs(cfg.inputs)
         self.scan = scan = await anyio.to_thread.run_sync(
-            scan_inputs, self.files, self.builder
+            scan_inputs, self.files, self.builder, [b for _, b in self.cells]
         )
         await anyio.to_thread.run_sync(self._open_output, scan)
         status, error = "aborted", None
@@ -331,7 +335,9 @@ class _Run:
                 previous, fingerprint, inputs, positional=scan.positional, out_dir=out
             )
         results_dir = open_output(out)
-        self.sink = PartWriter(results_dir, kept=scan.kept)
+        self.sink = PartWriter(
+            results_dir, kept=scan.kept, cell_columns=_cell_types(cfg.variants)
+        )
         self.manifest = {
             "batchrun_version": _version(),
             "status": "running",
@@ -340,6 +346,7 @@ class _Run:
             "inputs": [str(p) for p in cfg.inputs],
             "request": cfg.request.shaping(),
             "keep_columns": list(cfg.request.keep_columns),
+            "variants": [variant.name for variant in cfg.variants],
             "fingerprint": fingerprint,
             "input_files": inputs,
             "endpoint": "mock" if cfg.endpoint.mock else cfg.endpoint.base_url,
@@ -508,32 +515,44 @@ class _Run:
         for offset, row in enumerate(batch.rows):
             row_id = builder.row_id(row, position)
             position += 1
-            try:
-                record = builder.build(row, row_id)
-            except InputError as exc:
-                # The scan passed, so this failed while rendering: a failed row.
-                message = str(locate(exc, batch, offset))
-                out.append(self._input_failure(row_id, message))
-                continue
-            if index is not None:
-                prior = index.lookup(row_id)
-                if prior is not None:
-                    same = prior.request_hash == record.request_hash
-                    if same and (prior.ok or skip_failed):
-                        self.skipped += 1
-                        continue
-                    self.retried += 1
-                else:
-                    self.new += 1
-            else:
-                self.new += 1
-            out.append(record)
+            # One request per sweep cell, row by row: a partial sweep stays
+            # balanced across the cells.
+            for variant, cell in self.cells:
+                name = None if variant is None else variant.name
+                try:
+                    record = cell.build(row, row_id)
+                except InputError as exc:
+                    # The scan passed, so this failed while rendering: a failed row.
+                    message = str(locate(exc, batch, offset))
+                    out.append(self._input_failure(row_id, message, name))
+                    continue
+                record.variant = name
+                if self._skip(index, record, skip_failed):
+                    continue
+                out.append(record)
         return out, position
 
-    def _input_failure(self, row_id: str, message: str) -> Result:
+    def _skip(
+        self, index: CompletedIndex | None, record: PromptRecord, skip_failed: bool
+    ) -> bool:
+        """Whether ``record`` is already done (and count it either way)."""
+        if index is not None:
+            prior = index.lookup(record.id, record.variant)
+            if prior is not None:
+                same = prior.request_hash == record.request_hash
+                if same and (prior.ok or skip_failed):
+                    self.skipped += 1
+                    return True
+                self.retried += 1
+                return False
+        self.new += 1
+        return False
+
+    def _input_failure(self, row_id: str, message: str, variant: str | None) -> Result:
         request = self.config.request
         body = {} if request.model is None else {"model": request.model}
         record = PromptRecord(row_id, request.endpoint or "completions", body, "")
+        record.variant = variant
         return failed_result(record, f"InputError: {message}")
 
     async def _read(
@@ -603,6 +622,7 @@ class _Run:
         limit = self.config.output.flush_rows
         raw = self.config.output.raw_response
         kept_names = sink.kept_names
+        cells = self.cell_values
         deadline = anyio.current_time() + interval
         rolls_in, rolls_out = anyio.create_memory_object_stream[_Roll](1)
         async with anyio.create_task_group() as tg:
@@ -630,7 +650,8 @@ class _Run:
                         except (anyio.WouldBlock, anyio.EndOfStream):
                             break
                     rows = [
-                        result_row(r, raw=raw, kept_names=kept_names) for r in batch
+                        result_row(r, raw=raw, kept_names=kept_names, cells=cells)
+                        for r in batch
                     ]
                     # On disk (to the OS) before anything counts it as done.
                     journal.append(rows)
@@ -679,6 +700,15 @@ class _Run:
 
 
 _Roll = tuple[int, list[Row], dict[str, Any]]
+
+
+def _cell_types(variants: tuple[Variant, ...]) -> dict[str, Any]:
+    """The Arrow type of each sweep cell column, from the variants' values."""
+    names: dict[str, set[type]] = {}
+    for variant in variants:
+        for name, value in variant.columns.items():
+            names.setdefault(name, set()).add(type(value))
+    return {name: infer_type(kinds) for name, kinds in names.items()}
 
 
 # anyio's send() and receive() yield to the event loop once even when they need

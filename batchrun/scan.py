@@ -47,8 +47,17 @@ class Scan:
     positional: bool
 
 
-def scan_inputs(files: Sequence[Path], builder: RequestBuilder) -> Scan:
+def scan_inputs(
+    files: Sequence[Path],
+    builder: RequestBuilder,
+    cells: Sequence[RequestBuilder] = (),
+) -> Scan:
     """Check every row of ``files``. Blocking.
+
+    Args:
+        files: The inputs.
+        builder: Gives row ids and kept columns.
+        cells: One builder per sweep variant; each row must suit every one.
 
     Raises:
         InputError: The first bad row, or a duplicate id naming both rows.
@@ -59,12 +68,15 @@ def scan_inputs(files: Sequence[Path], builder: RequestBuilder) -> Scan:
     present: set[str] = set()
     position = 0
     positional = False
-    for batch in iter_batches(files, columns=builder.columns()):
+    checkers = list(cells) or [builder]
+    columns = set().union(*(b.columns() for b in [builder, *checkers]))
+    for batch in iter_batches(files, columns=columns):
         batch_ids = []
         for index, row in enumerate(batch.rows):
             try:
                 row_id = builder.row_id(row, position)
-                builder.check(row)
+                for checker in checkers:
+                    checker.check(row)
             except InputError as exc:
                 raise locate(exc, batch, index) from None
             positional = positional or builder.is_positional(row)

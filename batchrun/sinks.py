@@ -37,17 +37,20 @@ __all__ = [
     "compact",
     "has_output",
     "infer_type",
+    "key_of",
     "latest_rows",
     "list_parts",
     "open_output",
     "read_parts",
     "result_row",
+    "row_keys",
     "write_json",
     "write_usage",
 ]
 
 RESULTS_DIR = "results"
 LOG_KEY = "_log"
+KEY_SEPARATOR = "\x1f"
 DEFAULT_COMPACT_ROWS = 250_000
 COMPACT_MIN_PARTS = 32
 Row = dict[str, Any]
@@ -79,10 +82,12 @@ RESULT_SCHEMA = pa.schema(
         ("started_at", _TS),
         ("finished_at", _TS),
         ("request_hash", pa.int64()),
+        ("variant", pa.string()),
     ]
 )
 USAGE_SCHEMA = pa.schema(
     [
+        ("variant", pa.string()),
         ("model", pa.string()),
         ("endpoint", pa.string()),
         ("requests", pa.int64()),
@@ -102,6 +107,7 @@ USAGE_SCHEMA = pa.schema(
         ("latency_p50_s", pa.float64()),
         ("latency_p90_s", pa.float64()),
         ("latency_p99_s", pa.float64()),
+        ("cost_usd", pa.float64()),
     ]
 )
 
@@ -133,10 +139,16 @@ def _to_column(values: list[object], type_: pa.DataType) -> list[object]:
     return values
 
 
-def result_schema(kept: Mapping[str, pa.DataType]) -> pa.Schema:
-    """``RESULT_SCHEMA`` plus kept input columns (``input_<name>`` on a clash)."""
+def result_schema(
+    kept: Mapping[str, pa.DataType],
+    cell_columns: Mapping[str, pa.DataType] | None = None,
+) -> pa.Schema:
+    """``RESULT_SCHEMA``, then a sweep's cell columns, then kept input columns
+    (``input_<name>`` when a name is taken)."""
     fields = list(RESULT_SCHEMA)
-    taken = set(RESULT_SCHEMA.names)
+    cell_columns = cell_columns or {}
+    fields += [pa.field(name, type_) for name, type_ in cell_columns.items()]
+    taken = set(RESULT_SCHEMA.names) | set(cell_columns)
     for name, type_ in kept.items():
         fields.append(pa.field(kept_name(name, taken), type_))
     return pa.schema(fields)
@@ -147,11 +159,18 @@ def kept_name(name: str, taken: Iterable[str] = RESULT_SCHEMA.names) -> str:
     return f"input_{name}" if name in set(taken) else name
 
 
-def result_row(result: Result, *, raw: bool, kept_names: Mapping[str, str]) -> Row:
+def result_row(
+    result: Result,
+    *,
+    raw: bool,
+    kept_names: Mapping[str, str],
+    cells: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Row:
     """The row a result becomes: one journal line, one row of a part file.
 
     Timestamps are float epoch seconds here. ``_log`` (not a column) keeps what
-    the usage table needs about retried attempts.
+    the usage table needs about retried attempts. ``cells`` maps a sweep
+    variant's name to its cell columns (``template``, swept parameters).
     """
     usage = result.usage
     row: Row = {
@@ -174,7 +193,10 @@ def result_row(result: Result, *, raw: bool, kept_names: Mapping[str, str]) -> R
         "started_at": result.started_at,
         "finished_at": result.finished_at,
         "request_hash": result.request_hash,
+        "variant": result.variant,
     }
+    if cells and result.variant is not None:
+        row.update(cells[result.variant])
     extra = result.extra
     if kept_names:
         for name, column in kept_names.items():
@@ -197,16 +219,24 @@ class PartWriter:
     Args:
         results_dir: ``OUT/results``.
         kept: Kept input columns and their Arrow types, in output order.
+        cell_columns: A sweep's cell columns and their Arrow types.
     """
 
     def __init__(
-        self, results_dir: Path, *, kept: Mapping[str, pa.DataType] | None = None
+        self,
+        results_dir: Path,
+        *,
+        kept: Mapping[str, pa.DataType] | None = None,
+        cell_columns: Mapping[str, pa.DataType] | None = None,
     ) -> None:
         self.results_dir = results_dir
         kept = dict(kept or {})
-        self.kept_names = {name: kept_name(name) for name in kept}
+        cell_columns = dict(cell_columns or {})
+        taken = set(RESULT_SCHEMA.names) | set(cell_columns)
+        self.kept_names = {name: kept_name(name, taken) for name in kept}
         self._kept_types = {self.kept_names[n]: t for n, t in kept.items()}
-        self.schema = result_schema(kept)
+        self._kept_types.update(cell_columns)
+        self.schema = result_schema(kept, cell_columns)
 
     def table(self, rows: Sequence[Row]) -> pa.Table:
         """The rows as an Arrow table of ``self.schema``."""
@@ -281,14 +311,29 @@ def latest_rows(ids: pa.ChunkedArray) -> pa.Array:
     return winners.take(pc.sort_indices(winners))
 
 
+def row_keys(table: pa.Table) -> pa.Array:
+    """What identifies a result: its id, or id and sweep variant."""
+    import pyarrow.compute as pc  # deferred: 60 ms of start-up otherwise
+
+    ids = table.column("id").combine_chunks()
+    variants = table.column("variant").combine_chunks()
+    joined = pc.binary_join_element_wise(ids, variants, KEY_SEPARATOR)
+    return pc.if_else(pc.is_null(variants), ids, joined)
+
+
+def key_of(row_id: str, variant: str | None) -> str:
+    """``row_keys`` for one result."""
+    return row_id if variant is None else f"{row_id}{KEY_SEPARATOR}{variant}"
+
+
 def _latest_positions(results_dir: Path) -> tuple[array[int], int]:
-    """Global row positions that hold each id's latest result, and the total."""
-    ids = pa.chunked_array(
-        [t.column("id").combine_chunks() for t in read_parts(results_dir, ["id"])],
+    """Global row positions that hold each key's latest result, and the total."""
+    keys = pa.chunked_array(
+        [row_keys(t) for t in read_parts(results_dir, ["id", "variant"])],
         pa.string(),
     )
-    positions = latest_rows(ids).cast(pa.int64())
-    return array("q", positions.to_pylist()), len(ids)
+    positions = latest_rows(keys).cast(pa.int64())
+    return array("q", positions.to_pylist()), len(keys)
 
 
 def compact(

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TextIO
 
 from tqdm import tqdm
 
+from .config import Price
 from .sinks import LOG_KEY
 
 __all__ = [
@@ -145,11 +146,19 @@ class GroupStats:
             group.latencies.count += int(n)
         return group
 
-    def row(self, model: str, endpoint: str, wall_s: float) -> dict[str, Any]:
+    def row(
+        self,
+        variant: str | None,
+        model: str,
+        endpoint: str,
+        wall_s: float,
+        cost: float | None,
+    ) -> dict[str, Any]:
         """One row of ``usage.parquet``."""
         per_s = 1.0 / wall_s if wall_s > 0 else 0.0
         lat = self.latencies
         return {
+            "variant": variant,
             "model": model,
             "endpoint": endpoint,
             "requests": self.requests,
@@ -169,7 +178,11 @@ class GroupStats:
             "latency_p50_s": lat.quantile(0.5),
             "latency_p90_s": lat.quantile(0.9),
             "latency_p99_s": lat.quantile(0.99),
+            "cost_usd": cost,
         }
+
+
+_Key = tuple[str, str, str]  # (variant or "", model, endpoint)
 
 
 class StatsCollector:
@@ -182,21 +195,27 @@ class StatsCollector:
         clock: Monotonic seconds, injectable for tests.
     """
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        *,
+        pricing: Mapping[str, Price] | None = None,
+    ) -> None:
+        self.pricing = dict(pricing or {})
         self._clock = clock
         self.started = clock()
         self.prior_wall_s = 0.0
         self.skipped = 0
         self.total = GroupStats()
         self._prior = GroupStats()
-        self._groups: dict[tuple[str, str], GroupStats] = {}
+        self._groups: dict[_Key, GroupStats] = {}
 
     def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Count finished result rows."""
         groups = self._groups
         total = self.total
         for row in rows:
-            key = (row["model"], row["endpoint"])
+            key = (row.get("variant") or "", row["model"], row["endpoint"])
             group = groups.get(key)
             if group is None:
                 group = groups[key] = GroupStats()
@@ -222,8 +241,8 @@ class StatsCollector:
         return {
             "wall_s": self.prior_wall_s + self.elapsed(),
             "groups": [
-                {"model": m, "endpoint": e, **g.dump()}
-                for (m, e), g in sorted(self._groups.items())
+                {"variant": v or None, "model": m, "endpoint": e, **g.dump()}
+                for (v, m, e), g in sorted(self._groups.items())
             ],
         }
 
@@ -232,17 +251,32 @@ class StatsCollector:
         self.prior_wall_s = float(data.get("wall_s", 0.0))
         for item in data.get("groups", []):
             group = GroupStats.load(item)
-            self._groups[(str(item["model"]), str(item["endpoint"]))] = group
+            key = (item.get("variant") or "", str(item["model"]), str(item["endpoint"]))
+            self._groups[key] = group
             for target in (self.total, self._prior):
                 for name in _COUNTERS:
                     setattr(target, name, getattr(target, name) + getattr(group, name))
             self.total.latencies.merge(group.latencies)
 
+    def _cost(self, model: str, group: GroupStats) -> float | None:
+        price = self.pricing.get(model) or self.pricing.get("*")
+        if price is None:
+            return None
+        return price.cost(group.prompt_tokens, group.completion_tokens)
+
     def usage_rows(self) -> list[dict[str, Any]]:
-        """The rows of ``usage.parquet``: one per (model, endpoint), then ``*``."""
+        """The rows of ``usage.parquet``: one per (variant, model, endpoint), then
+        the whole job (variant, model and endpoint ``*``)."""
         wall = self.prior_wall_s + self.elapsed()
-        rows = [g.row(m, e, wall) for (m, e), g in sorted(self._groups.items())]
-        rows.append(self.total.row("*", "*", wall))
+        rows = []
+        costs = []
+        for (variant, model, endpoint), group in sorted(self._groups.items()):
+            cost = self._cost(model, group)
+            costs.append(cost)
+            rows.append(group.row(variant or None, model, endpoint, wall, cost))
+        known = [c for c in costs if c is not None]
+        total_cost = sum(known) if known else None
+        rows.append(self.total.row("*", "*", "*", wall, total_cost))
         return rows
 
 

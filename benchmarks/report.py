@@ -1,0 +1,472 @@
+"""Turn one benchmark run into docs/benchmarks.md and docs/benchmarks.png.
+
+Judges each scenario against its target and writes the page and the chart.
+It measures nothing; ``run.py`` fills in a ``Results`` and hands it over.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import (
+    LATENCY_CONCURRENCY,
+    LATENCY_MS,
+    MEMORY_CONCURRENCY,
+    STARTUP_CONCURRENCY,
+    Measurement,
+    median_of,
+)
+
+# The server counts as "well above" the clients when wrk gets at least this
+# multiple of the fastest client's median throughput from it.
+HEADROOM = 1.5
+TARGET_THROUGHPUT = 0.8  # batchrun / bare aiohttp requests/s
+TARGET_CPU = 1.25  # batchrun / bare aiohttp CPU seconds per request
+TARGET_BOUND = 0.95  # latency scenario: fraction of concurrency / latency
+TARGET_RSS_MB = 250.0  # memory scenario, at the larger input
+TARGET_RSS_GROWTH = 1.10  # memory scenario: larger input / smaller input
+TARGET_STARTUP_S = 0.5
+BASELINE = "bare aiohttp"
+
+
+@dataclass(kw_only=True)
+class Results:
+    """Everything one invocation of ``run.py`` measured."""
+
+    command: str
+    environment: dict[str, str]
+    rows: int
+    rounds: int
+    latency_rounds: int
+    event_loop: str
+    quick: bool
+    wrk_seconds: int
+    wrk_repeats: int
+    capacity: dict[int, float | None] = field(default_factory=dict)
+    cpu_bound: dict[int, dict[str, list[Measurement]]] = field(default_factory=dict)
+    latency_bound: dict[str, list[Measurement]] = field(default_factory=dict)
+    memory: dict[int, Measurement] = field(default_factory=dict)
+    startup: dict[str, list[Measurement]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One stated target and whether this run met it."""
+
+    scenario: str
+    what: str
+    result: str
+    target: str
+    met: bool
+
+    @property
+    def verdict(self) -> str:
+        return "met" if self.met else "**not met**"
+
+
+def paired_ratio(
+    ours: Sequence[Measurement],
+    theirs: Sequence[Measurement],
+    value: Callable[[Measurement], float],
+) -> float:
+    """Median over rounds of ``value(ours) / value(theirs)`` in the same round."""
+    pairs = zip(ours, theirs, strict=True)
+    return statistics.median(value(a) / value(b) for a, b in pairs)
+
+
+def spread(runs: Sequence[Measurement], value: Callable[[Measurement], float]) -> str:
+    """``median (min-max)`` of a value over runs, as whole numbers."""
+    values = [value(run) for run in runs]
+    median = f"{statistics.median(values):,.0f}"
+    if len(values) == 1:
+        return median
+    return f"{median} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in header) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def bound_fraction(run: Measurement) -> float:
+    """Throughput from first request to last response over the latency bound."""
+    bound = LATENCY_CONCURRENCY / (LATENCY_MS / 1000)
+    return run.rows / run.window_s / bound
+
+
+class Page:
+    """The markdown page, built section by section, collecting the targets."""
+
+    def __init__(self, results: Results) -> None:
+        self.results = results
+        self.targets: list[Target] = []
+
+    def capacity_section(self) -> list[str]:
+        res = self.results
+        lines = ["## Server capacity", ""]
+        if not res.capacity or all(v is None for v in res.capacity.values()):
+            return [*lines, "wrk is not installed, so capacity was not measured.", ""]
+        lines += [
+            "wrk (one thread, pinned to core 0, a distinct prompt per request so the"
+            " simulator's answer cache never hits) POSTs completion requests to the"
+            f" simulator on core 1 for {res.wrk_seconds} s,"
+            f" {_times(res.wrk_repeats)} after a 2-second warm-up; the median is"
+            " quoted. The simulator counts as well above a client"
+            f" when it answers at least {HEADROOM:g}x the fastest client's median"
+            " throughput at the same concurrency. The server's CPU time is also"
+            ' read from /proc during every client run ("server core busy" below:'
+            " 100 % would be a saturated core).",
+            "",
+        ]
+        rows = []
+        for c, capacity in res.capacity.items():
+            runs = res.cpu_bound.get(c)
+            if capacity is None or not runs:
+                rows.append([str(c), _num(capacity), "-", "-", "-", "-"])
+                continue
+            best = max(runs, key=lambda name: median_of(runs[name], "rps"))
+            best_rps = median_of(runs[best], "rps")
+            busy = max(run.server_busy for r in runs.values() for run in r)
+            ok = capacity >= HEADROOM * best_rps
+            rows.append(
+                [
+                    str(c),
+                    f"{capacity:,.0f}",
+                    f"{best} {best_rps:,.0f}",
+                    f"{capacity / best_rps:.2f}x",
+                    f"{busy:.0%}",
+                    "yes" if ok else "**no**",
+                ]
+            )
+        header = ["connections", "wrk requests/s", "fastest client, requests/s",
+                  "headroom", "server core busy, max over runs",
+                  f"well above (≥ {HEADROOM:g}x)"]  # fmt: skip
+        lines += table(header, rows)
+        if any(row[-1] == "**no**" for row in rows):
+            lines += [
+                "Where the answer is no, the fastest client comes close to what the"
+                " simulator can serve, so that client may be held back by the server;"
+                " ratios against it then flatter the slower clients.",
+                "",
+            ]
+        return lines
+
+    def cpu_section(self) -> list[str]:
+        res = self.results
+        lines = [
+            "## 1. CPU-bound: simulator latency 0",
+            "",
+            f"{res.rows:,} short completion prompts, `max_tokens` 16. Requests/s is"
+            " rows / wall seconds of the whole process (start-up included)."
+            f" {_median_of(res.rounds)}"
+            + (", with the range in brackets." if res.rounds > 1 else "."),
+            "",
+        ]
+        for c, runs in res.cpu_bound.items():
+            lines += [f"### Concurrency {c}", ""]
+            rows = [
+                [
+                    name,
+                    spread(r, lambda m: m.rps),
+                    f"{median_of(r, 'cpu_per_1k'):.3f}",
+                    f"{median_of(r, 'rss_mb'):.0f}",
+                    f"{median_of(r, 'server_busy'):.0%}",
+                ]
+                for name, r in runs.items()
+            ]
+            header = ["client", "requests/s", "CPU s per 1,000 requests",
+                      "peak RSS (MB)", "server core busy"]  # fmt: skip
+            lines += table(header, rows)
+            ours, bare = runs["batchrun"], runs[BASELINE]
+            throughput = paired_ratio(ours, bare, lambda m: m.rps)
+            cpu = paired_ratio(ours, bare, lambda m: m.cpu_per_1k)
+            checks = [
+                Target("1", f"throughput, batchrun / bare aiohttp, c={c}",
+                       f"{throughput:.2f}x", f"≥ {TARGET_THROUGHPUT:g}x",
+                       throughput >= TARGET_THROUGHPUT),
+                Target("1", f"CPU per request, batchrun / bare aiohttp, c={c}",
+                       f"{cpu:.2f}x", f"≤ {TARGET_CPU:g}x", cpu <= TARGET_CPU),
+            ]  # fmt: skip
+            self.targets += checks
+            rows = [[t.what, t.result, t.target, t.verdict] for t in checks]
+            if "openai SDK" in runs:
+                sdk = paired_ratio(ours, runs["openai SDK"], lambda m: m.rps)
+                rows.append(
+                    [f"throughput, batchrun / openai SDK, c={c}", f"{sdk:.2f}x",
+                     "none", "-"]
+                )  # fmt: skip
+            lines += table(["ratio (median of per-round ratios)", "result",
+                            "target", ""], rows)  # fmt: skip
+        lines += ["![throughput](benchmarks.png)", ""]
+        return lines
+
+    def latency_section(self) -> list[str]:
+        res = self.results
+        runs = res.latency_bound
+        bound = LATENCY_CONCURRENCY / (LATENCY_MS / 1000)
+        lines = [
+            f"## 2. Latency-bound: {LATENCY_MS} ms per answer",
+            "",
+            f"{res.rows:,} rows at concurrency {LATENCY_CONCURRENCY}: the bound is"
+            f" {LATENCY_CONCURRENCY} / {LATENCY_MS / 1000:g} s = {bound:,.0f}"
+            " requests/s. The window runs from the first request sent to the last"
+            " response received, as each client reports it (batchrun: min"
+            " `started_at` and max `finished_at` of its results; bare aiohttp:"
+            " `first_request_at` and `last_response_at`). Even a perfect client"
+            f" needs ⌈{res.rows:,} / {LATENCY_CONCURRENCY}⌉ waves of"
+            f" {LATENCY_MS} ms, so its best fraction is"
+            f" {_best_fraction(res.rows):.1%}. {_median_of(res.latency_rounds)}.",
+            "",
+        ]
+        rows = [
+            [
+                name,
+                f"{median_of(r, 'window_s'):.2f}",
+                spread(r, lambda m: m.rows / m.window_s),
+                f"{statistics.median(bound_fraction(m) for m in r):.1%}",
+                f"{min(m.server_peak_in_flight for m in r)}",
+            ]
+            for name, r in runs.items()
+        ]
+        header = ["client", "window (s)", "requests/s in the window",
+                  "fraction of the bound",
+                  "server peak in flight (lowest run)"]  # fmt: skip
+        lines += table(header, rows)
+        ours = statistics.median(bound_fraction(m) for m in runs["batchrun"])
+        bare = statistics.median(bound_fraction(m) for m in runs[BASELINE])
+        checks = [
+            Target("2", "batchrun, fraction of the bound", f"{ours:.1%}",
+                   f"≥ {TARGET_BOUND:.0%}", ours >= TARGET_BOUND),
+            Target("2", "batchrun, fraction vs bare aiohttp's",
+                   f"{ours:.1%} vs {bare:.1%}", "not below bare's", ours >= bare),
+        ]  # fmt: skip
+        self.targets += checks
+        return lines + _target_table(checks)
+
+    def memory_section(self) -> list[str]:
+        res = self.results
+        (small, small_run), (large, large_run) = sorted(res.memory.items())
+        lines = [
+            "## 3. Memory: long Parquet inputs",
+            "",
+            f"batchrun alone, concurrency {MEMORY_CONCURRENCY}, latency 0, on Parquet"
+            f" inputs of {small:,} and {large:,} rows (`id`, and a `prompt` of about"
+            " 500 characters). One run per size: peak RSS hardly varies between runs,"
+            " and the large one takes minutes.",
+            "",
+        ]
+        rows = [
+            [f"{n:,}", f"{m.rss_mb:.0f}", f"{m.wall_s:.0f}", f"{m.rps:,.0f}"]
+            for n, m in ((small, small_run), (large, large_run))
+        ]
+        lines += table(["input rows", "peak RSS (MB)", "wall (s)", "requests/s"], rows)
+        growth = large_run.rss_mb / small_run.rss_mb
+        checks = [
+            Target("3", f"peak RSS at {large:,} rows", f"{large_run.rss_mb:.0f} MB",
+                   f"< {TARGET_RSS_MB:.0f} MB", large_run.rss_mb < TARGET_RSS_MB),
+            Target("3", f"peak RSS, {large:,} / {small:,} rows", f"{growth:.2f}x",
+                   f"≤ {TARGET_RSS_GROWTH:.2f}x", growth <= TARGET_RSS_GROWTH),
+        ]  # fmt: skip
+        if res.quick:
+            lines += [
+                "(A `--quick` run: the targets are stated for 1,000,000 rows against"
+                " 100,000 and are applied here to the smaller inputs.)",
+                "",
+            ]
+        self.targets += checks
+        return lines + _target_table(checks)
+
+    def startup_section(self) -> list[str]:
+        res = self.results
+        runs = res.startup
+        lines = [
+            "## 4. Start-up",
+            "",
+            "From `time.time()` just before `Popen` to the first request sent, on"
+            f" the {res.rows:,}-row JSONL input at concurrency {STARTUP_CONCURRENCY},"
+            " latency 0;"
+            " batchrun's first request is the min `started_at` of its results,"
+            " bare aiohttp's is its `first_request_at`. bare aiohttp also reports"
+            " `first_request_s`, measured from its own module start (after the"
+            f" interpreter is up). {_median_of(res.rounds)}.",
+            "",
+        ]
+        rows = []
+        for name, r in runs.items():
+            own = [m.own_first_request_s for m in r if m.own_first_request_s]
+            rows.append(
+                [
+                    name,
+                    f"{median_of(r, 'first_request_s'):.3f}",
+                    f"{statistics.median(own):.3f}" if own else "-",
+                ]
+            )
+        header = ["client", "process start → first request (s)",
+                  "`first_request_s` (s)"]  # fmt: skip
+        lines += table(header, rows)
+        ours = median_of(runs["batchrun"], "first_request_s")
+        checks = [
+            Target("4", "batchrun, process start → first request", f"{ours:.3f} s",
+                   f"< {TARGET_STARTUP_S:g} s", ours < TARGET_STARTUP_S),
+        ]  # fmt: skip
+        self.targets += checks
+        return lines + _target_table(checks)
+
+    def render(self) -> str:
+        res = self.results
+        body: list[str] = []
+        body += self.capacity_section()
+        if res.cpu_bound:
+            body += self.cpu_section()
+        if res.latency_bound:
+            body += self.latency_section()
+        if res.memory:
+            body += self.memory_section()
+        if res.startup:
+            body += self.startup_section()
+        note = " (a short smoke run, not the published figures)." if res.quick else "."
+        head = [
+            "# Benchmarks",
+            "",
+            "Generated by one command, which rewrites this page and its chart:",
+            "",
+            "```",
+            "python benchmarks/run.py",
+            "```",
+            "",
+            f"This page comes from `{res.command}`{note}",
+            "",
+            "Benchmark dependencies: `pip install -r benchmarks/requirements.txt`"
+            " (plus `apt-get install wrk` for the server capacity check).",
+            "",
+            "## Targets",
+            "",
+        ]
+        rows = [[t.scenario, t.what, t.result, t.target, t.verdict]
+                for t in self.targets]  # fmt: skip
+        head += table(["scenario", "measure", "result", "target", ""], rows)
+        env = [[key, value] for key, value in res.environment.items()]
+        head += ["## Environment", "", *table(["", ""], env)]
+        head += self.method()
+        return "\n".join(head + body)
+
+    def method(self) -> list[str]:
+        res = self.results
+        return [
+            "## Method",
+            "",
+            "- The simulator (`python -m batchrun serve-mock`) runs in its own"
+            " process pinned to core 1 (`taskset -c 1`); every client and wrk run"
+            " pinned to core 0. The machine has two cores, so client and server"
+            " never share one.",
+            "- The clients, on the same server and the same input:",
+            "  - **batchrun**: `python -m batchrun run IN -o OUT --base-url URL"
+            " --model mock-model --max-tokens 16 --concurrency C --progress lines"
+            f" --event-loop {res.event_loop}`, stderr to a file (so a progress line"
+            " every 10 s), journal on as always, Parquet results, a fresh OUT per"
+            " run.",
+            "  - **bare aiohttp** (`benchmarks/bare_aiohttp.py`): one"
+            " `ClientSession`, C workers, POST and parse the JSON; nothing else."
+            " The practical ceiling.",
+            "  - **openai SDK** (`benchmarks/openai_sdk.py`): `AsyncOpenAI(..."
+            " max_retries=0)`, an `asyncio.Semaphore(C)` and one `asyncio.gather`"
+            " over `client.completions.create`, with the httpx pool sized to C"
+            " (its default keeps only 100 idle connections).",
+            f"- Every client runs on the same event loop ({res.event_loop}), so the"
+            " comparison is of the code, not the loop; `--event-loop uvloop`"
+            " repeats it on uvloop.",
+            "- Clients take turns (A B C A B C ...) so that drift in the machine"
+            " hits all of them alike; figures are medians over the rounds, and"
+            " each ratio is the median of the per-round ratios, both sides taken"
+            " from the same round.",
+            "- Each run is measured with `os.wait4` on the child: wall seconds"
+            " from just before `Popen` to reaping, CPU seconds (user + system) and"
+            " peak RSS (`ru_maxrss`). Throughput is rows / wall seconds.",
+            "- Before each run the simulator's counters are reset"
+            " (`POST /stats/reset`); after it the run is rejected unless every row"
+            " succeeded and the server counted exactly one request per row.",
+            "",
+        ]
+
+
+def _median_of(rounds: int) -> str:
+    return "One round" if rounds == 1 else f"Median of {rounds} rounds"
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _best_fraction(rows: int) -> float:
+    waves = -(-rows // LATENCY_CONCURRENCY)
+    bound = LATENCY_CONCURRENCY / (LATENCY_MS / 1000)
+    return rows / (waves * LATENCY_MS / 1000) / bound
+
+
+def _target_table(checks: Sequence[Target]) -> list[str]:
+    rows = [[t.what, t.result, t.target, t.verdict] for t in checks]
+    return table(["measure", "result", "target", ""], rows)
+
+
+def write_report(results: Results, path: Path) -> Path:
+    """Write the markdown page; return its path."""
+    path.write_text(Page(results).render())
+    return path
+
+
+def write_chart(results: Results, path: Path) -> Path:
+    """Bar chart of scenario 1: requests/s per client at each concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
+
+    concurrencies = list(results.cpu_bound)
+    names = list(results.cpu_bound[concurrencies[0]])
+    series = {
+        name: [median_of(results.cpu_bound[c][name], "rps") for c in concurrencies]
+        for name in names
+    }
+    if all(results.capacity.get(c) is not None for c in concurrencies):
+        series["simulator alone (wrk)"] = [
+            float(results.capacity[c] or 0) for c in concurrencies
+        ]
+    colors = ["#1f77b4", "#7f7f7f", "#ff7f0e", "#d9d9d9"]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [x + (i - (len(series) - 1) / 2) * width for x in range(len(values))]
+        bars = ax.bar(xs, values, width, label=name, color=colors[i % len(colors)],
+                      edgecolor="black", linewidth=0.5)  # fmt: skip
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
+    ax.set_xticks(range(len(concurrencies)))
+    ax.set_xticklabels([f"concurrency {c}" for c in concurrencies])
+    ax.set_ylabel("requests/s (median)")
+    ax.set_title(
+        f"{results.rows:,} completions, simulator latency 0,"
+        f" {_median_of(results.rounds).lower()}",
+        pad=28,
+    )
+    ax.legend(
+        fontsize=9, ncol=len(series), loc="lower center",
+        bbox_to_anchor=(0.5, 1.0), frameon=False,
+    )  # fmt: skip
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.margins(y=0.12)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
