@@ -11,10 +11,12 @@ from importlib.metadata import version as _version
 from .config import (
     EndpointConfig,
     OutputOptions,
+    Price,
     RateLimits,
     RequestOptions,
     RetryPolicy,
     RunConfig,
+    Variant,
 )
 from .errors import (
     APIConnectionError,
@@ -32,6 +34,8 @@ from .errors import (
     ServerError,
     TransientError,
 )
+from .estimate import Estimate, estimate_run
+from .export import export_results
 from .records import PromptRecord, Result, Usage
 from .runner import arun, run
 from .stats import RunStats
@@ -49,12 +53,14 @@ __all__ = [
     "CircuitBreakerError",
     "ConfigError",
     "EndpointConfig",
+    "Estimate",
     "FatalAPIError",
     "InputError",
     "MalformedResponseError",
     "OutputError",
     "OutputOptions",
     "PermanentError",
+    "Price",
     "PromptRecord",
     "RateLimitError",
     "RateLimits",
@@ -66,7 +72,10 @@ __all__ = [
     "ServerError",
     "TransientError",
     "Usage",
+    "Variant",
     "__version__",
     "arun",
+    "estimate_run",
+    "export_results",
     "run",
 ]
