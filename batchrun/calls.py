@@ -253,6 +253,9 @@ class Caller:
         except APIConnectionError:
             log.connection_errors += 1
             raise
+        except PermanentError:
+            concurrency.end_probe()  # a real answer, if not a useful one
+            raise
         except MalformedResponseError as exc:
             log.malformed += 1
             if exc.data is not None:

@@ -299,17 +299,29 @@ class Slot:
 class ConcurrencyLimit:
     """An adaptive cap on requests in flight (AIMD with slow start).
 
+    With ``probe``, the first request goes alone: its response carries the
+    server's rate-limit headers, which the rate limiter follows before a
+    burst can overrun them. Slow start begins once it succeeds.
+
     Args:
         maximum: The user's ``--concurrency``; the limit never exceeds it.
-        initial: Where slow start begins.
+        initial: Where slow start begins, after the probe.
         clock: Monotonic seconds.
+        probe: Send one request alone first.
     """
 
     def __init__(
-        self, maximum: int, *, initial: int = INITIAL_CONCURRENCY, clock: Clock
+        self,
+        maximum: int,
+        *,
+        initial: int = INITIAL_CONCURRENCY,
+        clock: Clock,
+        probe: bool = False,
     ) -> None:
         self.maximum = maximum
-        self.limit = max(1, min(initial, maximum))
+        self._initial = max(1, min(initial, maximum))
+        self._probing = probe
+        self.limit = 1 if probe else self._initial
         self.in_flight = 0
         self._clock = clock
         self._threshold = maximum
@@ -344,8 +356,18 @@ class ConcurrencyLimit:
             self.in_flight += 1
             self._waiters.popleft().set()
 
+    def end_probe(self) -> None:
+        """The server answered (the headers are known): start the slow start."""
+        if self._probing:
+            self._probing = False
+            self.limit = max(self.limit, self._initial)
+            self._wake()
+
     def on_success(self) -> None:
         """Grow: +1 per success below the threshold, else +1 per window."""
+        if self._probing:
+            self.end_probe()
+            return
         if self.limit >= self.maximum or self._clock() < self._hold_until:
             return
         if self.limit < self._threshold:
@@ -363,6 +385,7 @@ class ConcurrencyLimit:
         if now < self._next_decrease:
             return
         self._next_decrease = now + _DECREASE_GAP_S
+        self._probing = False
         self.limit = max(1, self.limit // 2)
         self._threshold = self.limit
         self._successes = 0

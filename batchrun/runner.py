@@ -229,7 +229,7 @@ class _Run:
         self.cell_values = {v.name: dict(v.columns) for v in config.variants}
         self.stats = StatsCollector(clock, pricing=config.pricing)
         self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
-        self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock)
+        self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock, probe=True)
         self.circuit = _CircuitBreaker()
         self.caller: Caller | None = None
         self.progress: Progress | None = None

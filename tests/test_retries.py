@@ -343,3 +343,18 @@ async def test_varied_400s_do_not_trip_the_breaker(
     ]
     stats = await _run(sim, rows, tmp_path, vt)
     assert stats.failed == 120
+
+
+async def test_permanent_errors_end_the_probe(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """A 4xx answer ends the one-request probe: error rows still go in parallel."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock, latency_ms=50)
+    rows = [
+        {"id": str(i), "prompt": f"p{i} [[sim:status={400 + i % 2 * 22}]]"}
+        for i in range(100)
+    ]
+    stats = await _run(sim, rows, tmp_path, vt, concurrency=16)
+    assert stats.failed == 100
+    assert sim.state.snapshot()["max_in_flight"] == 16
