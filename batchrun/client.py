@@ -201,6 +201,7 @@ class APIClient:
         if status == 429:
             return RateLimitError(
                 message,
+                status=status,
                 body=body,
                 request_id=request_id,
                 headers=headers,

@@ -118,30 +118,11 @@ class APIError(BatchrunError):
 
 
 class TransientError(APIError):
-    """Raised for failures that may succeed when tried again."""
+    """Raised for failures that may succeed when tried again.
 
-
-class RateLimitError(TransientError):
-    """Raised on HTTP 429. ``retry_after`` is the server's wait in seconds, if given."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = 429,
-        body: str | None = None,
-        request_id: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(
-            message, status=status, body=body, request_id=request_id, headers=headers
-        )
-        self.retry_after = retry_after
-
-
-class ServerError(TransientError):
-    """Raised on HTTP 5xx, 408, 409 and 425. ``retry_after`` as for 429."""
+    ``retry_after`` is the wait in seconds the server asked for (429 and 5xx
+    answers may carry ``Retry-After``), or ``None``.
+    """
 
     def __init__(
         self,
@@ -157,6 +138,14 @@ class ServerError(TransientError):
             message, status=status, body=body, request_id=request_id, headers=headers
         )
         self.retry_after = retry_after
+
+
+class RateLimitError(TransientError):
+    """Raised on HTTP 429."""
+
+
+class ServerError(TransientError):
+    """Raised on HTTP 5xx, 408, 409 and 425."""
 
 
 class APIConnectionError(TransientError):

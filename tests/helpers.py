@@ -15,7 +15,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batchrun.cli import main
+from batchrun.records import AttemptLog, Result, Usage
 from batchrun.simulator import SimulatorHandle
+from batchrun.sinks import result_row
 
 Rows = Sequence[dict[str, Any]]
 SimFactory = Callable[..., SimulatorHandle]
@@ -119,3 +121,60 @@ def run_against(sim: SimulatorHandle, inp: Path, out: Path, *extra: str | Path) 
         "run", inp, "-o", out, "--base-url", sim.base_url, "--model", "m", "--quiet",
         *extra,
     )  # fmt: skip
+
+
+class FakeTime:
+    """A clock that moves only when a task sleeps on it; records every sleep."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        """The current fake time in seconds."""
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance the clock at once and let other tasks run."""
+        self.now += seconds
+        self.sleeps.append(seconds)
+        await anyio.lowlevel.checkpoint()
+
+
+def make_row(
+    row_id: str,
+    status: str = "ok",
+    *,
+    completion: str = "c",
+    variant: str | None = None,
+    started_at: float = 1.0,
+    log: AttemptLog | None = None,
+) -> dict[str, Any]:
+    """A result row as the runner journals it and writes it to parts."""
+    ok = status == "ok"
+    result = Result(
+        id=row_id,
+        status=status,
+        endpoint="completions",
+        model="m",
+        prompt="p",
+        completion=completion if ok else None,
+        choices=[{"index": 0, "text": completion, "finish_reason": "stop"}]
+        if ok
+        else None,
+        finish_reason="stop" if ok else None,
+        usage=Usage(1, 2, 3) if ok else Usage(),
+        response=json.dumps({"id": f"cmpl-{row_id}", "text": completion})
+        if ok
+        else json.dumps({"error": {"message": "bad request"}}),
+        http_status=200 if ok else 400,
+        attempts=1,
+        latency_s=0.1,
+        error=None if ok else "PermanentError: HTTP 400: bad request",
+        started_at=started_at,
+        finished_at=started_at + 0.5,
+        log=log,
+    )
+    row = result_row(result, raw=True, kept_names={})
+    row["variant"] = variant
+    return row

@@ -16,52 +16,13 @@ from batchrun import export
 from batchrun.errors import ConfigError, OutputError
 from batchrun.export import FORMATS, export_results
 from batchrun.journal import Journal
-from batchrun.records import AttemptLog, Result, Usage
+from batchrun.records import AttemptLog
 from batchrun.simulator import SimulatorHandle
-from batchrun.sinks import RESULT_SCHEMA, PartWriter, result_row
+from batchrun.sinks import RESULT_SCHEMA, PartWriter
 
-from .helpers import prompts, read_results, run_against, write_jsonl
+from .helpers import make_row, prompts, read_results, run_against, write_jsonl
 
 Row = dict[str, Any]
-
-
-def _row(
-    row_id: str,
-    status: str = "ok",
-    *,
-    completion: str = "c",
-    variant: str | None = None,
-    started_at: float = 1.0,
-    log: AttemptLog | None = None,
-) -> Row:
-    """A result row as the runner journals it and writes it to parts."""
-    ok = status == "ok"
-    result = Result(
-        id=row_id,
-        status=status,
-        endpoint="completions",
-        model="m",
-        prompt="p",
-        completion=completion if ok else None,
-        choices=[{"index": 0, "text": completion, "finish_reason": "stop"}]
-        if ok
-        else None,
-        finish_reason="stop" if ok else None,
-        usage=Usage(1, 2, 3) if ok else Usage(),
-        response=json.dumps({"id": f"cmpl-{row_id}", "text": completion})
-        if ok
-        else json.dumps({"error": {"message": "bad request"}}),
-        http_status=200 if ok else 400,
-        attempts=1,
-        latency_s=0.1,
-        error=None if ok else "PermanentError: HTTP 400: bad request",
-        started_at=started_at,
-        finished_at=started_at + 0.5,
-        log=log,
-    )
-    row = result_row(result, raw=True, kept_names={})
-    row["variant"] = variant
-    return row
 
 
 def _make_out(
@@ -151,7 +112,7 @@ def test_openai_batch_matches_the_results(sim: SimulatorHandle, tmp_path: Path) 
     assert [line["id"] for line in _lines(again)] == ids
 
 
-def test_openai_batch_error_row(sim: SimulatorHandle, tmp_path: Path) -> None:
+def test_openai_batch_errormake_row(sim: SimulatorHandle, tmp_path: Path) -> None:
     """A rejected request exports with status 400 and an http_400 error."""
     out = _run_with_one_400(sim, tmp_path)
     dest = tmp_path / "batch_output.jsonl"
@@ -218,7 +179,7 @@ def test_latest_part_wins(tmp_path: Path, fmt: str) -> None:
     """An id in two parts exports once, from the later part."""
     out = _make_out(
         tmp_path / "out",
-        [[_row("a", "error"), _row("b")], [_row("a"), _row("c")]],
+        [[make_row("a", "error"), make_row("b")], [make_row("a"), make_row("c")]],
         parts_through=1,
     )
     dest = tmp_path / f"export.{fmt}"
@@ -236,8 +197,8 @@ def test_variant_is_part_of_the_key(tmp_path: Path, fmt: str) -> None:
     out = _make_out(
         tmp_path / "out",
         [
-            [_row("a", variant="y"), _row("a", variant="x"), _row("b")],
-            [_row("a", "error", variant="x"), _row("a", "error")],
+            [make_row("a", variant="y"), make_row("a", variant="x"), make_row("b")],
+            [make_row("a", "error", variant="x"), make_row("a", "error")],
         ],
         parts_through=1,
     )
@@ -254,7 +215,7 @@ def test_variant_is_part_of_the_key(tmp_path: Path, fmt: str) -> None:
 def test_variant_custom_id_and_batch_id(tmp_path: Path) -> None:
     """A variant row's custom_id is id::variant and its batch id differs."""
     out = _make_out(
-        tmp_path / "out", [[_row("a"), _row("a", variant="x")]], parts_through=0
+        tmp_path / "out", [[make_row("a"), make_row("a", variant="x")]], parts_through=0
     )
     dest = tmp_path / "batch.jsonl"
     export_results(out, "openai-batch", dest)
@@ -270,11 +231,11 @@ def test_journal_rows_after_parts_through_are_included(
     """Segments after parts_through are the newest rows; earlier ones are not."""
     out = _make_out(
         tmp_path / "out",
-        [[_row("a", "error"), _row("b")]],
+        [[make_row("a", "error"), make_row("b")]],
         parts_through=0,
         journal={
-            0: [_row("stale")],  # already in part 0: its rows must not recur
-            1: [_row("a"), _row("c", log=AttemptLog(attempts=2))],
+            0: [make_row("stale")],  # already in part 0: its rows must not recur
+            1: [make_row("a"), make_row("c", log=AttemptLog(attempts=2))],
         },
     )
     dest = tmp_path / f"export.{fmt}"
@@ -290,9 +251,9 @@ def test_journal_rows_convert_like_parts(tmp_path: Path) -> None:
     """Journal timestamps (epoch seconds) export as UTC timestamps, no _log."""
     out = _make_out(
         tmp_path / "out",
-        [[_row("a")]],
+        [[make_row("a")]],
         parts_through=0,
-        journal={1: [_row("b", started_at=86400.25, log=AttemptLog(attempts=2))]},
+        journal={1: [make_row("b", started_at=86400.25, log=AttemptLog(attempts=2))]},
     )
     export_results(out, "jsonl", tmp_path / "rows.jsonl")
     row = _lines(tmp_path / "rows.jsonl")[1]
@@ -314,9 +275,9 @@ def test_many_parts_come_out_sorted(
     ids = [f"id-{i:03d}" for i in range(40)]
     random.Random(7).shuffle(ids)
     retried = set(ids[::5])
-    parts = [[_row(i, "error" if i in retried else "ok") for i in ids[:25]]]
-    parts.append([_row(i) for i in ids[25:]])
-    parts.append([_row(i) for i in sorted(retried, reverse=True)])
+    parts = [[make_row(i, "error" if i in retried else "ok") for i in ids[:25]]]
+    parts.append([make_row(i) for i in ids[25:]])
+    parts.append([make_row(i) for i in sorted(retried, reverse=True)])
     out = _make_out(tmp_path / "out", parts, parts_through=2)
     dest = tmp_path / f"export.{fmt}"
     assert export_results(out, fmt, dest) == 40
@@ -335,7 +296,7 @@ def test_empty_output_exports_no_rows(tmp_path: Path) -> None:
 
 def test_unknown_format_is_a_config_error(tmp_path: Path) -> None:
     """A format outside FORMATS is refused before anything is read."""
-    out = _make_out(tmp_path / "out", [[_row("a")]], parts_through=0)
+    out = _make_out(tmp_path / "out", [[make_row("a")]], parts_through=0)
     with pytest.raises(ConfigError, match="unknown export format 'csv'"):
         export_results(out, "csv", tmp_path / "x.csv")
     assert not (tmp_path / "x.csv").exists()
@@ -359,14 +320,14 @@ def test_out_without_results_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_unwritable_dest_is_an_output_error(tmp_path: Path, fmt: str) -> None:
     """A destination in a missing directory raises OutputError."""
-    out = _make_out(tmp_path / "out", [[_row("b"), _row("a")]], parts_through=0)
+    out = _make_out(tmp_path / "out", [[make_row("b"), make_row("a")]], parts_through=0)
     with pytest.raises(OutputError, match="cannot write"):
         export_results(out, fmt, tmp_path / "missing" / "x")
 
 
 def test_dest_inside_the_run_is_refused(tmp_path: Path) -> None:
     """Exporting over the run's own files is a ConfigError; OUT is untouched."""
-    out = _make_out(tmp_path / "out", [[_row("a")]], parts_through=0)
+    out = _make_out(tmp_path / "out", [[make_row("a")]], parts_through=0)
     before = _snapshot(out)
     for dest in (out / "results" / "part-00001.parquet", out / "manifest.json"):
         with pytest.raises(ConfigError, match="part of the run"):

@@ -22,25 +22,9 @@ from batchrun.ratelimit import (
     limits_from_headers,
 )
 
+from .helpers import FakeTime
+
 ONE_REQUEST = Cost(0, 0)
-
-
-class FakeTime:
-    """A clock that moves only when a task sleeps on it; records every sleep."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        """The current fake time in seconds."""
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        """Advance the clock at once and let other tasks run."""
-        self.now += seconds
-        self.sleeps.append(seconds)
-        await anyio.lowlevel.checkpoint()
 
 
 def make_limiter(limits: RateLimits, ft: FakeTime) -> RateLimiter:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable
 
-import anyio
-import anyio.lowlevel
 import pytest
 
 from batchrun.config import RetryPolicy
@@ -22,23 +20,7 @@ from batchrun.errors import (
 )
 from batchrun.retry import Retrier
 
-
-class FakeTime:
-    """A clock that moves only when a task sleeps on it; records every sleep."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        """The current fake time in seconds."""
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        """Advance the clock at once and let other tasks run."""
-        self.now += seconds
-        self.sleeps.append(seconds)
-        await anyio.lowlevel.checkpoint()
+from .helpers import FakeTime
 
 
 class ScriptedCall:

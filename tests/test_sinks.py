@@ -7,30 +7,9 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 from batchrun.journal import Journal, read_segment, segments
-from batchrun.records import Result, Usage
-from batchrun.sinks import PartWriter, compact, list_parts, result_row
+from batchrun.sinks import PartWriter, compact, list_parts
 
-
-def _row(row_id: str, status: str = "ok", completion: str = "c") -> dict[str, object]:
-    result = Result(
-        id=row_id,
-        status=status,
-        endpoint="completions",
-        model="m",
-        prompt="p",
-        completion=completion,
-        choices=[{"index": 0, "text": completion, "finish_reason": "stop"}],
-        finish_reason="stop",
-        usage=Usage(1, 2, 3),
-        response=None,
-        http_status=200,
-        attempts=1,
-        latency_s=0.1,
-        error=None,
-        started_at=1.0,
-        finished_at=1.1,
-    )
-    return result_row(result, raw=True, kept_names={})
+from .helpers import make_row
 
 
 def _read(results: Path) -> list[dict[str, object]]:
@@ -43,7 +22,7 @@ def test_few_parts_are_left_alone(tmp_path: Path) -> None:
     """Up to min_parts parts without repeated ids are not rewritten."""
     writer = PartWriter(tmp_path)
     for n in range(3):
-        writer.write(n, [_row(f"{n}-{i}") for i in range(5)])
+        writer.write(n, [make_row(f"{n}-{i}") for i in range(5)])
     assert compact(tmp_path, writer.schema, dedupe=False, min_parts=4) == 3
     assert [n for n, _ in list_parts(tmp_path)] == [0, 1, 2]
 
@@ -52,7 +31,7 @@ def test_many_parts_are_merged(tmp_path: Path) -> None:
     """More parts than min_parts become files of up to target_rows rows."""
     writer = PartWriter(tmp_path)
     for n in range(10):
-        writer.write(n, [_row(f"{n}-{i}") for i in range(5)])
+        writer.write(n, [make_row(f"{n}-{i}") for i in range(5)])
     files = compact(tmp_path, writer.schema, dedupe=False, target_rows=20, min_parts=4)
     assert files == 3
     assert [n for n, _ in list_parts(tmp_path)] == [10, 11, 12]
@@ -63,9 +42,9 @@ def test_many_parts_are_merged(tmp_path: Path) -> None:
 def test_dedupe_keeps_the_latest(tmp_path: Path) -> None:
     """With dedupe, each id keeps its row from the latest part."""
     writer = PartWriter(tmp_path)
-    writer.write(0, [_row("a", "error", "old"), _row("b")])
-    writer.write(1, [_row("a", "ok", "new"), _row("c")])
-    writer.write(2, [_row("c", "ok", "newest")])
+    writer.write(0, [make_row("a", "error", completion="old"), make_row("b")])
+    writer.write(1, [make_row("a", "ok", completion="new"), make_row("c")])
+    writer.write(2, [make_row("c", "ok", completion="newest")])
     compact(tmp_path, writer.schema, dedupe=True)
     rows = {r["id"]: r for r in _read(tmp_path)}
     assert sorted(str(k) for k in rows) == ["a", "b", "c"]
@@ -76,9 +55,9 @@ def test_dedupe_keeps_the_latest(tmp_path: Path) -> None:
 def test_journal_appends_rotates_and_discards(tmp_path: Path) -> None:
     """Rows land in the current segment; discard drops segments up to a number."""
     journal = Journal(tmp_path, 0)
-    journal.append([_row("a"), _row("b")])
+    journal.append([make_row("a"), make_row("b")])
     journal.rotate(1)
-    journal.append([_row("c")])
+    journal.append([make_row("c")])
     assert [n for n, _ in segments(tmp_path)] == [0, 1]
     journal.discard(0)
     ((number, path),) = segments(tmp_path)
@@ -90,13 +69,13 @@ def test_journal_appends_rotates_and_discards(tmp_path: Path) -> None:
 def test_torn_tail_is_cut_before_appending(tmp_path: Path) -> None:
     """Reopening a segment with a torn last line cuts it, so new lines stay whole."""
     journal = Journal(tmp_path, 0)
-    journal.append([_row("a"), _row("b")])
+    journal.append([make_row("a"), make_row("b")])
     journal.close()
     path = segments(tmp_path)[0][1]
     path.write_bytes(path.read_bytes()[:-4])
     assert [r["id"] for r in read_segment(path)] == ["a"]
     journal = Journal(tmp_path, 0)
-    journal.append([_row("c")])
+    journal.append([make_row("c")])
     journal.close()
     assert [r["id"] for r in read_segment(path)] == ["a", "c"]
 
