@@ -251,3 +251,12 @@ def test_journal_is_empty_after_a_completerun_against(
     assert run_against(sim, inp, out) == 0
     assert not [row for _, p in segments(out / "journal") for row in read_segment(p)]
     assert len(list((out / "results").glob("part-*.parquet"))) == 1
+
+
+def test_fsync_run_completes(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """--fsync forces journal writes to disk and the run still completes normally."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(50))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out, "--fsync") == 0
+    assert len(read_results(out)) == 50
+    assert not [row for _, p in segments(out / "journal") for row in read_segment(p)]
