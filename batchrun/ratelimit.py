@@ -11,7 +11,7 @@ Two mechanisms, both waiting by computing a wake-up time (never polling):
   every worker once, until its ``Retry-After``. Budgets follow the server's
   ``x-ratelimit-limit-*`` headers; user limits stay the ceiling.
 * ``ConcurrencyLimit`` caps requests in flight and adapts it: slow start
-  from 32 (+1 per success, doubling per round trip), then additive increase (+1 per
+  from 32 (+2 per success, tripling per round trip), then additive increase (+1 per
   ``limit`` successes); a 429 halves it, a 5xx overload cuts it by a fifth and
   holds growth for a while.
 
@@ -50,7 +50,7 @@ SAFETY = 0.99
 DEFAULT_BURST_S = 0.25
 _DECREASE_GAP_S = 1.0
 # Slow start begins here: gentle on a provider that punishes fast ramps, yet
-# at 500 ms latency it reaches 256 in three round trips (about 1.5 s).
+# at 500 ms latency it reaches 256 in two round trips after the probe.
 INITIAL_CONCURRENCY = 32
 _OVERLOAD_HOLD_S = 5.0
 
@@ -364,14 +364,15 @@ class ConcurrencyLimit:
             self._wake()
 
     def on_success(self) -> None:
-        """Grow: +1 per success below the threshold, else +1 per window."""
+        """Grow: +2 per success below the threshold, else +1 per window."""
         if self._probing:
             self.end_probe()
             return
         if self.limit >= self.maximum or self._clock() < self._hold_until:
             return
         if self.limit < self._threshold:
-            self.limit += 1
+            # Slow start: +2 a success triples the limit each round trip.
+            self.limit = min(self.limit + 2, self._threshold, self.maximum)
         else:
             self._successes += 1
             if self._successes >= self.limit:
