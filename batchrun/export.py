@@ -310,7 +310,7 @@ def _source_tables(source: _Source, schema: pa.Schema) -> Iterator[pa.Table]:
         return
     seen = 0
     try:
-        parquet = pq.ParquetFile(source.path)
+        parquet = pq.ParquetFile(source.path, pre_buffer=False)
         try:
             for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS):
                 seen += batch.num_rows

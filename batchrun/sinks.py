@@ -390,7 +390,9 @@ def compact(
     try:
         offset = 0
         for _, path in parts:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+            # No pre_buffer: it keeps what it read (see sources._parquet_batches).
+            source = pq.ParquetFile(path, pre_buffer=False)
+            for batch in source.iter_batches(batch_size=8192):
                 table = pa.Table.from_batches([batch]).cast(schema)
                 if keep is not None:
                     lo = bisect_left(keep, offset)

