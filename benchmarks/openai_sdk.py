@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 import time
-from pathlib import Path
 
-import orjson
 from openai import AsyncOpenAI
 
 try:  # openai 3.x ships its own fork of httpx under this name
     import httpx2 as httpx
 except ImportError:
     import httpx
-
-T0 = time.perf_counter()
+from clientkit import report, run_client
 
 
 async def main(args: argparse.Namespace, prompts: list[str]) -> None:
@@ -57,35 +52,8 @@ async def main(args: argparse.Namespace, prompts: list[str]) -> None:
         done = await asyncio.gather(*(one(prompt) for prompt in prompts))
         wall = time.perf_counter() - start
         last_response_at = time.time()
-    json.dump(
-        {
-            "rows": sum(done),
-            "wall_s": wall,
-            "first_request_s": first[0][0] - T0 if first else None,
-            "first_request_at": first[0][1] if first else None,
-            "last_response_at": last_response_at,
-        },
-        sys.stdout,
-    )
-    sys.stdout.write("\n")
+    report(sum(done), wall, first, last_response_at)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("input")
-    parser.add_argument("--base-url", required=True)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--model", default="mock-model")
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
-    arguments = parser.parse_args()
-    rows = [
-        orjson.loads(line)["prompt"]
-        for line in Path(arguments.input).read_bytes().splitlines()
-        if line.strip()
-    ]
-    if arguments.uvloop:
-        import uvloop
-
-        uvloop.run(main(arguments, rows))
-    else:
-        asyncio.run(main(arguments, rows))
+    run_client(main)
