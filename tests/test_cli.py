@@ -334,3 +334,20 @@ def test_manifest_records_options_not_key(sim: SimulatorHandle, tmp_path: Path) 
     assert manifest["request"]["model"] == "m"
     assert manifest["counts"]["rows"] == 2
     assert manifest["batchrun_version"]
+
+
+def test_export_command(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """batchrun export writes one line per result; a bad OUT is exit 2."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out) == 0
+    dest = tmp_path / "batch.jsonl"
+    assert run_cli("export", out, "--format", "openai-batch", "-o", dest) == 0
+    lines = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert [line["custom_id"] for line in lines] == ["row-0", "row-1", "row-2"]
+    assert {line["response"]["status_code"] for line in lines} == {200}
+    capsys.readouterr()
+    assert run_cli("export", tmp_path / "none", "--format", "jsonl", "-o", dest) == 2
+    assert "no batchrun run" in _error_line(capsys)
