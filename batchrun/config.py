@@ -42,28 +42,12 @@ DEFAULT_CONCURRENCY = 32
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_FLUSH_ROWS = 1000
 DEFAULT_FLUSH_INTERVAL_S = 10.0
-DEFAULT_PROGRESS_INTERVAL_S = 10.0
 DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_MAX_RETRY_TIME_S = 900.0
 DEFAULT_MAX_RETRY_WAIT_S = 120.0
 DEFAULT_BACKOFF_BASE_S = 0.5
 DEFAULT_BACKOFF_MAX_S = 30.0
 DEFAULT_GRACE_S = 30.0
-
-# Body fields that shape a request; they are recorded in the manifest.
-SAMPLING_FIELDS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "stop",
-    "n",
-    "logprobs",
-    "seed",
-    "frequency_penalty",
-    "presence_penalty",
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

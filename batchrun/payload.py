@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import jinja2
 
 __all__ = [
-    "BATCH_FIELDS",
     "RequestBuilder",
     "TokenEstimator",
     "cells",
@@ -31,7 +30,6 @@ __all__ = [
     "request_hash",
 ]
 
-BATCH_FIELDS = ("custom_id", "body")
 _UNDEFINED = re.compile(r"'([^']+)' is undefined")
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 
