@@ -5,9 +5,7 @@ Fast, inside the provider's rate limits, and never losing a paid-for result.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
-
+from ._version import __version__
 from .config import (
     EndpointConfig,
     OutputOptions,
@@ -39,11 +37,6 @@ from .export import export_results
 from .records import PromptRecord, Result, Usage
 from .runner import arun, run
 from .stats import RunStats
-
-try:
-    __version__ = _version("batchrun")
-except _PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
 
 __all__ = [
     "APIConnectionError",

@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._version import __version__
 from .calls import Caller, failed_result
 from .client import APIClient
 from .config import RunConfig, Variant
@@ -82,13 +82,6 @@ _SHUTDOWN_FLUSH_S = 10.0
 _PROGRESS_TICK_S = 1.0
 _GATHER_S = 0.002
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
-
-
-def _version() -> str:
-    try:
-        return version("batchrun")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "0+unknown"
 
 
 def _now_iso() -> str:
@@ -339,7 +332,7 @@ class _Run:
             results_dir, kept=scan.kept, cell_columns=_cell_types(cfg.variants)
         )
         self.manifest = {
-            "batchrun_version": _version(),
+            "batchrun_version": __version__,
             "status": "running",
             "error": None,
             "pid": os.getpid(),

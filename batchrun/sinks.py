@@ -258,7 +258,7 @@ class PartWriter:
             values = [r.get(name) for r in rows]
             if field.type == _TS:
                 micros = [None if v is None else int(v * 1_000_000) for v in values]
-                arrays.append(pa.array(micros, pa.int64()).cast(_TS))
+                arrays.append(pa.array(micros, _TS))
             elif name in self._kept_types:
                 arrays.append(pa.array(_to_column(values, field.type), field.type))
             else:

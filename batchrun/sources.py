@@ -202,8 +202,6 @@ class IdSet:
 
     def suspects(self) -> set[int]:
         """Hashes filed more than once: a duplicate id, or (rarely) a collision."""
-        import pyarrow.compute as pc  # deferred: 60 ms of start-up otherwise
-
         hashes = self._hashes
         if len(hashes) <= _PYTHON_SET_LIMIT:
             # Small inputs: a Python set is quicker than importing Arrow compute.
@@ -215,6 +213,8 @@ class IdSet:
                 else:
                     seen.add(key)
             return repeated
+        import pyarrow.compute as pc  # deferred: 60 ms of start-up otherwise
+
         values = pa.Array.from_buffers(
             pa.int64(), len(hashes), [None, pa.py_buffer(hashes)]
         )
