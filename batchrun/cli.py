@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .config import (
     DEFAULT_CONCURRENCY,
     DEFAULT_GRACE_S,
@@ -381,6 +381,12 @@ def _build_parser() -> tuple[
         help="added to every response",
     )
     mock.add_argument("--seed", type=int, default=0, help="seeds text and faults")
+    mock.add_argument(
+        "--fast",
+        action="store_true",
+        help="serve from a minimal HTTP server for benchmarks (the same answers;"
+        " no rate limits, faults or scripting)",
+    )
     mock.add_argument("--rpm", type=int, metavar="N", help="server-side requests/min")
     mock.add_argument("--tpm", type=int, metavar="N", help="server-side tokens/min")
     mock.add_argument(
@@ -665,10 +671,21 @@ def _cmd_serve_mock(args: argparse.Namespace) -> int:
         slow_ms=args.slow_ms,
     )
 
+    unsupported = config.beyond_fast_path() if args.fast else []
+    if unsupported:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unsupported)
+        raise ConfigError(f"--fast cannot serve {flags}")
+
     def ready(url: str) -> None:
         print(f"batchrun simulator serving {url}", file=sys.stderr, flush=True)
 
-    run_simulator(config, host=args.host, port=args.port, on_ready=ready)
+    try:
+        run_simulator(
+            config, host=args.host, port=args.port, on_ready=ready, fast=args.fast
+        )
+    except OSError as exc:
+        where = f"{args.host}:{args.port}"
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return EXIT_OK
 
 

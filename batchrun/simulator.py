@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 from aiohttp import web
@@ -158,6 +158,25 @@ class SimulatorConfig:
                 raise ConfigError("models must be non-empty strings")
             object.__setattr__(self, "models", tuple(models))  # a list is accepted
 
+    def beyond_fast_path(self) -> list[str]:
+        """The options set here that the fast server (``fast=True``) cannot serve."""
+        return [
+            name
+            for name in _FAST_PATH_UNSUPPORTED
+            if getattr(self, name) not in (None, 0.0)
+        ]
+
+
+_FAST_PATH_UNSUPPORTED = (
+    "rpm",
+    "tpm",
+    "completion_tpm",
+    "fail_rate",
+    "drop_rate",
+    "malformed_rate",
+    "slow_rate",
+)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ScriptedResponse:
@@ -256,11 +275,12 @@ STATE_KEY = web.AppKey("batchrun_simulator_state", SimulatorState)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimulatorHandle:
-    """A running simulator: its URL (ending in ``/v1``), live state and app."""
+    """A running simulator: its URL (ending in ``/v1``), live state and app
+    (``None`` for the fast server)."""
 
     base_url: str
     state: SimulatorState
-    app: web.Application
+    app: web.Application | None
 
 
 class _RequestError(Exception):
@@ -280,6 +300,13 @@ class _Request:
     n: int
     max_tokens: int | None
     logprobs: bool
+
+
+class Rejection(NamedTuple):
+    """An invalid request's answer: status and OpenAI error body."""
+
+    status: int
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +524,7 @@ async def _sleep_ms(delay_ms: float) -> None:
         await asyncio.sleep(delay_ms / 1000)
 
 
-class _Simulator:
+class Simulator:
     """The request handlers and what they share: config, buckets, caches, rng."""
 
     def __init__(self, config: SimulatorConfig, clock: Clock) -> None:
@@ -560,26 +587,68 @@ class _Simulator:
         finally:
             state.in_flight -= 1
 
-    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        state, config = self.state, self.config
+    def accept(
+        self, raw: bytes, chat: bool, authorization: str | None, *, directives: bool
+    ) -> tuple[_Request, _Directives | None] | Rejection:
+        """Parse and check one completion request and count its prompt.
+
+        Returns the request and its ``[[sim:...]]`` directives (when asked for
+        and present), or the status and body of the error answer.
+        """
+        state = self.state
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return self._reply(400, _error_json("The request body is not valid JSON"))
+            return Rejection(400, _error_json("The request body is not valid JSON"))
         if state.record_requests:
             state.requests.append(body)
-        if self.auth is not None and request.headers.get("Authorization") != self.auth:
-            return self._unauthorized()
+        if self.auth is not None and authorization != self.auth:
+            message, code = "Incorrect API key provided", "invalid_api_key"
+            return Rejection(401, _error_json(message, code=code))
         try:
             req = _parse(body, chat)
-            rules = self._directives(req) if _DIRECTIVE_MARK in req.key else None
+            marked = directives and _DIRECTIVE_MARK in req.key
+            rules = self._directives(req) if marked else None
         except _RequestError as exc:
-            return self._reply(exc.status, _error_json(str(exc), param=exc.param))
+            return Rejection(exc.status, _error_json(str(exc), param=exc.param))
         if self.models is not None and req.model not in self.models:
             message = f"The model `{req.model}` does not exist"
-            return self._reply(404, _error_json(message, code="model_not_found"))
-        seen = state.prompt_counts[req.key] = state.prompt_counts.get(req.key, 0) + 1
-        serial = f"{self.id_prefix}{next(self.ids):012x}"
+            return Rejection(404, _error_json(message, code="model_not_found"))
+        state.prompt_counts[req.key] = state.prompt_counts.get(req.key, 0) + 1
+        return req, rules
+
+    def serial(self) -> str:
+        """A new unique response id suffix."""
+        return f"{self.id_prefix}{next(self.ids):012x}"
+
+    def answer(self, req: _Request) -> tuple[bytes, _Completion]:
+        """The 200 body for ``req`` (no faults, no limits) and what it used."""
+        done = self._completion(req)
+        return self._body(req, done, self.serial()), done
+
+    def answered(self, status: int, done: _Completion | None) -> None:
+        """Count an answer sent in full."""
+        state = self.state
+        key = str(status)
+        state.by_status[key] = state.by_status.get(key, 0) + 1
+        state.rate_limited += status == 429
+        if done is not None and status == 200:
+            state.prompt_tokens += done.prompt_tokens
+            state.completion_tokens += done.completion_tokens
+
+    async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        state, config = self.state, self.config
+        accepted = self.accept(
+            await request.read(),
+            chat,
+            request.headers.get("Authorization"),
+            directives=True,
+        )
+        if isinstance(accepted, Rejection):
+            return self._reply(accepted.status, accepted.body)
+        req, rules = accepted
+        seen = state.prompt_counts[req.key]
+        serial = self.serial()
         headers = {"Content-Type": _JSON, "x-request-id": f"req_{serial}"}
         if state.script:
             item = state.script.popleft()
@@ -680,18 +749,17 @@ class _Simulator:
         if action == "malformed":
             self.state.faults["malformed"] += 1
             data = data[: len(data) // 2]
-        elif done is not None and status == 200:
-            self.state.prompt_tokens += done.prompt_tokens
-            self.state.completion_tokens += done.completion_tokens
-        return self._reply(status, data, headers)
+            done = None
+        return self._reply(status, data, headers, done)
 
     def _reply(
-        self, status: int, data: bytes, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        done: _Completion | None = None,
     ) -> web.Response:
-        by_status = self.state.by_status
-        key = str(status)
-        by_status[key] = by_status.get(key, 0) + 1
-        self.state.rate_limited += status == 429
+        self.answered(status, done)
         return web.Response(status=status, body=data, headers=headers or _JSON_HEADERS)
 
     def _unauthorized(self) -> web.Response:
@@ -812,7 +880,7 @@ def create_app(
     Returns:
         An application whose live ``SimulatorState`` is ``app[STATE_KEY]``.
     """
-    sim = _Simulator(config or SimulatorConfig(), clock)
+    sim = Simulator(config or SimulatorConfig(), clock)
     app = web.Application()
     app[STATE_KEY] = sim.state
     app.router.add_post("/v1/completions", sim.completion)
@@ -831,6 +899,7 @@ async def start_simulator(
     host: str = "127.0.0.1",
     port: int = 0,
     clock: Clock = time.monotonic,
+    fast: bool = False,
 ) -> AsyncIterator[SimulatorHandle]:
     """Serve the simulator in the running event loop until the block exits.
 
@@ -840,10 +909,20 @@ async def start_simulator(
         port: The TCP port; 0 picks a free one.
         clock: Monotonic seconds for the rate-limit buckets (tests share a
             virtual clock with the client).
+        fast: Serve from the minimal HTTP server of ``batchrun.fastsim``
+            (for benchmarks) instead of aiohttp.web.
 
     Yields:
         The handle, once the server accepts connections.
+
+    Raises:
+        ConfigError: ``fast`` with options only the full server has.
     """
+    config = config or SimulatorConfig()
+    if fast:
+        async with _start_fast(config, host, port, clock) as handle:
+            yield handle
+        return
     app = create_app(config, clock=clock)
     # handler_cancellation: when a client gives up (a timeout), its handler stops,
     # so slow answers neither pile up nor hold up shutdown.
@@ -853,11 +932,41 @@ async def start_simulator(
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-        url_host = f"[{host}]" if ":" in host else host
-        url = f"http://{url_host}:{runner.addresses[0][1]}/v1"
+        url = _base_url(host, runner.addresses[0][1])
         yield SimulatorHandle(base_url=url, state=app[STATE_KEY], app=app)
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def _start_fast(
+    config: SimulatorConfig, host: str, port: int, clock: Clock
+) -> AsyncIterator[SimulatorHandle]:
+    from .fastsim import factory
+
+    unsupported = config.beyond_fast_path()
+    if unsupported:
+        raise ConfigError(
+            "the fast simulator has no " + ", ".join(unsupported) + "; drop --fast"
+        )
+    sim = Simulator(config, clock)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory(sim, config.latency_ms), host, port)
+    try:
+        bound = server.sockets[0].getsockname()[1]
+        yield SimulatorHandle(
+            base_url=_base_url(host, bound), state=sim.state, app=None
+        )
+    finally:
+        server.close()
+        # From Python 3.12 wait_closed() also waits for open connections.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+def _base_url(host: str, port: int) -> str:
+    url_host = f"[{host}]" if ":" in host else host
+    return f"http://{url_host}:{port}/v1"
 
 
 @contextlib.contextmanager
@@ -866,6 +975,7 @@ def serve_in_thread(
     *,
     host: str = "127.0.0.1",
     clock: Clock = time.monotonic,
+    fast: bool = False,
 ) -> Iterator[SimulatorHandle]:
     """Serve the simulator on a free port from a thread with its own event loop.
 
@@ -873,6 +983,7 @@ def serve_in_thread(
         config: How to answer.
         host: The interface to listen on.
         clock: Monotonic seconds for the rate-limit buckets.
+        fast: Serve from the minimal HTTP server (see ``start_simulator``).
 
     Yields:
         The handle, once the server accepts connections. On exit the server
@@ -887,7 +998,7 @@ def serve_in_thread(
 
     async def serve() -> None:
         stop = asyncio.Event()
-        async with start_simulator(config, host=host, clock=clock) as handle:
+        async with start_simulator(config, host=host, clock=clock, fast=fast) as handle:
             started.append((handle, asyncio.get_running_loop(), stop))
             ready.set()
             await stop.wait()
@@ -920,6 +1031,7 @@ def run_simulator(
     host: str = "127.0.0.1",
     port: int = 8000,
     on_ready: Callable[[str], None] | None = None,
+    fast: bool = False,
 ) -> None:
     """Serve the simulator until SIGINT or SIGTERM, then return normally.
 
@@ -930,6 +1042,7 @@ def run_simulator(
         host: The interface to listen on.
         port: The TCP port; 0 picks a free one.
         on_ready: Called with the base URL once the server accepts connections.
+        fast: Serve from the minimal HTTP server (see ``start_simulator``).
 
     Raises:
         OSError: The server could not listen (for example, the port is taken).
@@ -943,7 +1056,7 @@ def run_simulator(
             # KeyboardInterrupt, which is suppressed below.
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signum, stop.set)
-        async with start_simulator(config, host=host, port=port) as handle:
+        async with start_simulator(config, host=host, port=port, fast=fast) as handle:
             if on_ready is not None:
                 on_ready(handle.base_url)
             await stop.wait()
