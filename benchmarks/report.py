@@ -124,7 +124,12 @@ class Page:
         if not res.capacity or all(v is None for v in res.capacity.values()):
             return [*lines, "wrk is not installed, so capacity was not measured.", ""]
         lines += [
-            "wrk (one thread, pinned to core 0, a distinct prompt per request so the"
+            "The simulator serves every scenario from its fast path"
+            " (`batchrun serve-mock --fast`): the same answers, ids and counters as"
+            " the aiohttp.web simulator from a minimal HTTP/1.1 server, because the"
+            " aiohttp.web server needs about as much CPU per request as a fast"
+            " client does."
+            " wrk (one thread, pinned to core 0, a distinct prompt per request so the"
             " simulator's answer cache never hits) POSTs completion requests to the"
             f" simulator on core 1 for {res.wrk_seconds} s,"
             f" {_times(res.wrk_repeats)} after a 2-second warm-up; the median is"

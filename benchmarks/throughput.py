@@ -1,6 +1,6 @@
 """Throughput of batchrun against a bare aiohttp loop, side by side.
 
-Starts ``batchrun serve-mock`` in its own process (pinned to one core where
+Starts ``batchrun serve-mock --fast`` in its own process (pinned to one core where
 ``taskset`` exists), writes a JSONL input, then runs the clients in turns
 (A B A B ...) pinned to the other core, and prints the median requests/s and
 client CPU per 1,000 requests of each, plus their ratio.
@@ -99,6 +99,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--uvloop", action="store_true", help="also on uvloop")
+    parser.add_argument(
+        "--full-server",
+        action="store_true",
+        help="serve from the aiohttp.web simulator instead of serve-mock --fast",
+    )
     args = parser.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
@@ -127,7 +132,7 @@ def main() -> None:
     if args.uvloop:
         clients["bare+uvloop"] = lambda n: [*bare, "--uvloop"]
         clients["batchrun+uvloop"] = batchrun("uvloop")
-    server = start_server(port, args.latency_ms)
+    server = start_server(port, args.latency_ms, [] if args.full_server else ["--fast"])
     results: dict[str, list[dict[str, float]]] = {name: [] for name in clients}
     try:
         for n in range(args.rounds):
