@@ -266,5 +266,5 @@ class Caller:
         limiter.settle(reserved, usage.prompt_tokens, usage.completion_tokens)
         limiter.follow(reply.headers)
         self.estimator.observe(record, usage.prompt_tokens, usage.completion_tokens)
-        concurrency.on_success()
+        concurrency.on_success(limits_known=limiter.limited)
         return reply, usage

@@ -49,8 +49,9 @@ BUDGETS = ("rpm", "tpm", "prompt_tpm", "completion_tpm")
 SAFETY = 0.99
 DEFAULT_BURST_S = 0.25
 _DECREASE_GAP_S = 1.0
-# Slow start begins here: gentle on a provider that punishes fast ramps, yet
-# at 500 ms latency it reaches 256 in two round trips after the probe.
+# Slow start begins here when limits are known: gentle on a provider that
+# punishes fast ramps, yet at 500 ms latency it reaches 256 in two round trips
+# after the probe.
 INITIAL_CONCURRENCY = 32
 _OVERLOAD_HOLD_S = 5.0
 
@@ -172,6 +173,11 @@ class RateLimiter:
         self._lock = anyio.Lock()
         self.paused_until = -math.inf
         self.rate_limited = 0
+
+    @property
+    def limited(self) -> bool:
+        """Whether any budget is in force (the user's or the server's)."""
+        return bool(self._pacers)
 
     @property
     def counts_tokens(self) -> bool:
@@ -301,7 +307,8 @@ class ConcurrencyLimit:
 
     With ``probe``, the first request goes alone: its response carries the
     server's rate-limit headers, which the rate limiter follows before a
-    burst can overrun them. Slow start begins once it succeeds.
+    burst can overrun them. Slow start begins once it succeeds, unless no
+    limit is known at all (see ``end_probe``).
 
     Args:
         maximum: The user's ``--concurrency``; the limit never exceeds it.
@@ -356,17 +363,27 @@ class ConcurrencyLimit:
             self.in_flight += 1
             self._waiters.popleft().set()
 
-    def end_probe(self) -> None:
-        """The server answered (the headers are known): start the slow start."""
+    def end_probe(self, *, limits_known: bool = True) -> None:
+        """The server answered (its headers are known): start the slow start.
+
+        With ``limits_known=False`` (the server announced no rate limit and the
+        user set none) open to the maximum at once instead: a server that
+        states no limits, such as vLLM or a llama.cpp server, has none to ramp
+        towards, and a hidden one still meets the 429 pause and the halving.
+        """
         if self._probing:
             self._probing = False
-            self.limit = max(self.limit, self._initial)
+            start = self._initial if limits_known else self.maximum
+            self.limit = max(self.limit, start)
             self._wake()
 
-    def on_success(self) -> None:
-        """Grow: +2 per success below the threshold, else +1 per window."""
+    def on_success(self, *, limits_known: bool = True) -> None:
+        """Grow: +2 per success below the threshold, else +1 per window.
+
+        The probe's success ends the probe (see ``end_probe``).
+        """
         if self._probing:
-            self.end_probe()
+            self.end_probe(limits_known=limits_known)
             return
         if self.limit >= self.maximum or self._clock() < self._hold_until:
             return

@@ -387,6 +387,36 @@ def test_concurrency_slow_start_grows_by_two_per_success() -> None:
         assert limit.limit == expected
 
 
+def test_probe_opens_slow_start_when_limits_are_known() -> None:
+    """One request alone; its success starts slow start at ``initial``."""
+    ft = FakeTime()
+    limit = ConcurrencyLimit(64, initial=8, clock=ft.clock, probe=True)
+    assert limit.limit == 1
+    limit.on_success(limits_known=True)
+    assert limit.limit == 8
+    limit.on_success(limits_known=True)
+    assert limit.limit == 10
+
+
+def test_probe_opens_fully_when_no_limit_is_known() -> None:
+    """No server headers and no user limits: the whole pool right after the probe."""
+    ft = FakeTime()
+    limit = ConcurrencyLimit(64, initial=8, clock=ft.clock, probe=True)
+    limit.on_success(limits_known=False)
+    assert limit.limit == 64
+    not_probing = ConcurrencyLimit(64, initial=8, clock=ft.clock)
+    not_probing.on_success(limits_known=False)
+    assert not_probing.limit == 10  # only the probe's answer opens the pool
+
+
+def test_a_permanent_error_ends_the_probe_into_slow_start() -> None:
+    """A 4xx says nothing about limits: slow start, not the whole pool."""
+    ft = FakeTime()
+    limit = ConcurrencyLimit(64, initial=8, clock=ft.clock, probe=True)
+    limit.end_probe()
+    assert limit.limit == 8
+
+
 def test_concurrency_grows_by_one_per_window_above_threshold() -> None:
     """At the threshold growth slows to one slot per ``limit`` successes."""
     ft = FakeTime()
