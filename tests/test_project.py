@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +40,34 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
         if line.strip() and not line.startswith(("#", "set ", "cd "))
     ]
     assert commands == [test]
+
+
+def test_the_command_hides_numpy_from_its_own_process_only(tmp_path: Path) -> None:
+    """The CLI process never imports NumPy (0.15 s of start-up).
+
+    ``import batchrun`` as a library hides nothing.
+    """
+    script = (
+        "import sys\n"
+        "from batchrun.__main__ import main\n"
+        "sys.argv = ['batchrun', 'status', sys.argv[1]]\n"
+        "code = main()\n"
+        "print(code, 'pyarrow' in sys.modules, sys.modules.get('numpy', 'absent'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.split() == ["2", "True", "None"], done.stderr
+    check = (
+        "import sys, batchrun\n"
+        "batchrun.run\n"
+        "numpy = sys.modules.get('numpy', 'absent')\n"
+        "print('pyarrow' in sys.modules, numpy is not None)"
+    )
+    library = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120
+    )
+    assert library.stdout.split() == ["True", "True"], library.stderr

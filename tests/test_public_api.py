@@ -9,16 +9,17 @@ import batchrun
 
 
 def _public_names() -> set[str]:
-    """Public names bound in ``batchrun``: no leading underscore, no modules.
+    """Public names of ``batchrun``: no leading underscore, no modules.
 
-    ``from __future__ import annotations`` binds ``annotations``, which is a
-    compiler directive rather than part of the API, so it is left out too.
+    ``dir()`` includes the names that load on first use. ``from __future__
+    import annotations`` binds ``annotations``, which is a compiler directive
+    rather than part of the API, so it is left out too.
     """
     return {
         name
-        for name, value in vars(batchrun).items()
+        for name in dir(batchrun)
         if not name.startswith("_")
-        and not inspect.ismodule(value)
+        and not inspect.ismodule(value := getattr(batchrun, name))
         and type(value).__module__ != "__future__"
     }
 
