@@ -814,6 +814,7 @@ async def test_start_simulator() -> None:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", handle.base_url)
         async with session.get(handle.base_url + "/models") as response:
             assert response.status == 200
+    assert handle.app is not None
     assert handle.state is handle.app[STATE_KEY]
 
 
