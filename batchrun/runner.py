@@ -174,11 +174,14 @@ def _primary(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class _CircuitBreaker:
-    """Stops a run whose rows keep failing the same permanent way.
+    """Stops a run whose rows keep failing the same way.
 
-    A wrong model name or parameter answers every row with the same 4xx; 50
-    such failures in a row (the first 50 of a run included) abort the run
-    instead of burning through a million rows.
+    A wrong model name or parameter answers every row with the same 4xx; an
+    endpoint that went away refuses every connection; a spent quota answers
+    429 to every attempt. 50 rows in a row that end with the same error
+    (after all their retries, for retryable ones; the first 50 of a run
+    included) abort the run instead of burning through a million rows: the
+    rows done are saved, and the failed ones are retried when it resumes.
     """
 
     THRESHOLD = 50
@@ -192,8 +195,6 @@ class _CircuitBreaker:
             error = row["error"]
             if error is None:
                 self._error, self._count = None, 0
-                continue
-            if not error.startswith("PermanentError"):
                 continue
             if error == self._error:
                 self._count += 1

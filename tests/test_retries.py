@@ -6,6 +6,7 @@ backoffs and Retry-After pauses take no real time.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,33 @@ async def test_circuit_breaker(sim_factory: SimFactory, tmp_path: Path) -> None:
     ]
     assert len(journaled) >= 50
     assert {row["http_status"] for row in journaled} == {400}
+
+
+async def test_an_unreachable_endpoint_trips_the_breaker(tmp_path: Path) -> None:
+    """Rows that exhaust their retries on refused connections abort the run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    vt = VirtualTime()
+    config = RunConfig(
+        inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(1000)),),
+        output=OutputOptions(out_dir=tmp_path / "out"),
+        endpoint=EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1"),
+        request=RequestOptions(model="m"),
+        concurrency=4,
+        retry=RetryPolicy(max_attempts=3),
+        progress="off",
+    )
+    with pytest.raises(CircuitBreakerError, match="50 rows in a row failed with: API"):
+        await arun(config, clock=vt.clock, sleep=vt.sleep)
+    journaled = [
+        row
+        for _, path in segments(tmp_path / "out" / "journal")
+        for row in read_segment(path)
+    ]
+    assert 50 <= len(journaled) < 100
+    assert {row["attempts"] for row in journaled} == {3}
+    assert all(row["error"].startswith("APIConnectionError") for row in journaled)
 
 
 async def test_varied_400s_do_not_trip_the_breaker(
