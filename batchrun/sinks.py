@@ -348,6 +348,9 @@ def _latest_positions(results_dir: Path) -> tuple[array[int], int]:
     return array("q", positions.to_pylist()), len(keys)
 
 
+_COMPACT_BATCH_ROWS = 1024
+
+
 def compact(
     results_dir: Path,
     schema: pa.Schema,
@@ -391,8 +394,10 @@ def compact(
         offset = 0
         for _, path in parts:
             # No pre_buffer: it keeps what it read (see sources._parquet_batches).
+            # Batches of 1,024: compacting 400 parts of 1,000 rows left RSS
+            # 44 MB higher with batch_size=8192, though no batch was larger.
             source = pq.ParquetFile(path, pre_buffer=False)
-            for batch in source.iter_batches(batch_size=8192):
+            for batch in source.iter_batches(batch_size=_COMPACT_BATCH_ROWS):
                 table = pa.Table.from_batches([batch]).cast(schema)
                 if keep is not None:
                     lo = bisect_left(keep, offset)
