@@ -232,7 +232,7 @@ class Caller:
             log.rate_limited += 1
             limiter.settle(reserved, 0, 0)
             if exc.headers is not None:
-                limiter.follow(exc.headers)
+                limiter.follow(exc.headers, now=True)
             wait = exc.retry_after
             limiter.pause(
                 min(

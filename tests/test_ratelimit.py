@@ -327,10 +327,31 @@ def test_follow_keeps_the_user_limit_as_ceiling() -> None:
     limiter = make_limiter(RateLimits(rpm=100), ft)
     limiter.follow({"x-ratelimit-limit-requests": "600"})
     assert limiter.limits() == {"rpm": 100}
+    ft.now += 0.25
     limiter.follow({"x-ratelimit-limit-requests": "50"})
     assert limiter.limits() == {"rpm": 50}
+    ft.now += 0.25
     limiter.follow({"x-ratelimit-limit-requests": "600"})
     assert limiter.limits() == {"rpm": 100}
+
+
+def test_follow_reads_headers_four_times_a_second_or_at_once_on_request() -> None:
+    """Between reads headers are skipped; ``now=True`` (a 429's) reads them."""
+    ft = FakeTime()
+    limiter = make_limiter(RateLimits(), ft)
+    limiter.follow({"x-ratelimit-limit-requests": "600"})
+    assert limiter.limits() == {"rpm": 600}
+    ft.now += 0.1
+    limiter.follow({"x-ratelimit-limit-requests": "300"})
+    assert limiter.limits() == {"rpm": 600}
+    limiter.follow({"x-ratelimit-limit-requests": "300"}, now=True)
+    assert limiter.limits() == {"rpm": 300}
+    ft.now += 0.1
+    limiter.follow({"x-ratelimit-limit-requests": "200"})
+    assert limiter.limits() == {"rpm": 300}
+    ft.now += 0.25
+    limiter.follow({"x-ratelimit-limit-requests": "200"})
+    assert limiter.limits() == {"rpm": 200}
 
 
 def test_follow_ignores_garbage_headers() -> None:
