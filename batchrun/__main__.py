@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
@@ -14,6 +15,11 @@ def main() -> int:
     # program of yours leaves NumPy alone.
     if "numpy" not in sys.modules:
         sys.modules["numpy"] = None  # type: ignore[assignment]
+    # Every row allocates a few short-lived dicts and lists, so with the
+    # default threshold (700) the cyclic collector ran every 75 rows or so:
+    # 0.16-0.26 s of CPU on 20,000 rows (measured with gc.callbacks), against
+    # 0.02 s at 10,000. Reference counting frees nearly all of it anyway.
+    gc.set_threshold(10_000)
     from .cli import main as cli_main
 
     return cli_main()
