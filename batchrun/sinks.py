@@ -7,7 +7,6 @@ results schema. It does not decide *when* to flush; the runner does.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from array import array
@@ -448,9 +447,13 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write a JSON document atomically."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write a JSON document atomically (indented, for people to read too)."""
+    # orjson: the manifest is rewritten at every part, and the json module
+    # took about 1 ms for it.
+    text = orjson.dumps(
+        data, default=str, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+    )
+    atomic_write(path, lambda tmp: tmp.write_bytes(text))
 
 
 def write_usage(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
