@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from batchrun.journal import Journal, read_segment, segments
 from batchrun.sinks import PartWriter, compact, list_parts
@@ -37,6 +38,23 @@ def test_many_parts_are_merged(tmp_path: Path) -> None:
     assert [n for n, _ in list_parts(tmp_path)] == [10, 11, 12]
     assert len(_read(tmp_path)) == 50
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_no_statistics_on_free_text_columns(tmp_path: Path) -> None:
+    """Parts and compacted files keep min/max for ids and numbers, not for text."""
+    writer = PartWriter(tmp_path)
+    for n in range(3):
+        writer.write(n, [make_row(f"{n}-{i}") for i in range(5)])
+    compact(tmp_path, writer.schema, dedupe=False, min_parts=1)
+    for _, path in list_parts(tmp_path):
+        group = pq.ParquetFile(path).metadata.row_group(0)
+        stats = {
+            group.column(i).path_in_schema: group.column(i).is_stats_set
+            for i in range(group.num_columns)
+        }
+        with_stats = {name for name, present in stats.items() if present}
+        assert {"id", "prompt_tokens", "started_at"} <= with_stats
+        assert not {"prompt", "completion", "response"} & with_stats
 
 
 def test_dedupe_keeps_the_latest(tmp_path: Path) -> None:
