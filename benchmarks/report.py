@@ -290,8 +290,10 @@ class Page:
             "",
             f"batchrun alone, concurrency {MEMORY_CONCURRENCY}, latency 0, on Parquet"
             f" inputs of {small:,} and {large:,} rows (`id`, and a `prompt` of about"
-            " 500 characters). One run per size: peak RSS hardly varies between runs,"
-            " and the large one takes minutes.",
+            " 500 characters). The peak comes at the end of a run, when the parts"
+            " are compacted, and varies by 10-20 MB from run to run, so the smaller"
+            " input runs three times and its median run is shown; the large one"
+            " runs once (it takes minutes).",
             "",
         ]
         rows = [
