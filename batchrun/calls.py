@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import anyio
+
 from .client import APIClient, Reply
 from .config import RetryPolicy
 from .errors import (
@@ -29,7 +31,13 @@ from .ratelimit import ConcurrencyLimit, Cost, RateLimiter, Slot
 from .records import AttemptLog, JSONObject, PromptRecord, Result, Usage
 from .retry import Retrier, Sleep
 
-__all__ = ["Caller", "failed_result"]
+__all__ = ["Caller", "RowAbandoned", "failed_result"]
+
+
+class RowAbandoned(Exception):
+    """A stopping run gave up on a row in its backoff: it has no result, so
+    the resumed run sends it again."""
+
 
 _NO_TOKENS = Cost(0, 0)
 # A 429 without Retry-After still pauses the pool this long.
@@ -129,6 +137,29 @@ class Caller:
         self._sleep = sleep
         self._retrier = retrier
         self._raw = raw_response
+        self._waits: set[anyio.CancelScope] = set()
+        self._abandoning = False
+
+    def abandon_waits(self) -> None:
+        """End every backoff now, and every later one at once: the run is stopping.
+
+        The rows in those backoffs raise ``RowAbandoned``, so a stop waits for
+        requests in flight, never for a backoff of up to 30 s.
+        """
+        self._abandoning = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    async def _back_off(self, seconds: float) -> None:
+        if not self._abandoning:
+            with anyio.CancelScope() as scope:
+                self._waits.add(scope)
+                try:
+                    await self._sleep(seconds)
+                finally:
+                    self._waits.discard(scope)
+        if self._abandoning:
+            raise RowAbandoned
 
     async def call(self, record: PromptRecord, slot: Slot) -> Result:
         """Request ``record`` until it succeeds, fails for good, or retries run out.
@@ -140,6 +171,7 @@ class Caller:
 
         Raises:
             FatalAPIError: The key, model or URL is wrong; the run must stop.
+            RowAbandoned: The run is stopping and the row was waiting to retry.
         """
         limiter = self.limiter
         if limiter.counts_tokens:
@@ -162,7 +194,7 @@ class Caller:
 
         async def backoff(seconds: float) -> None:
             slot.release()
-            await self._sleep(seconds)
+            await self._back_off(seconds)
 
         try:
             try:

@@ -32,7 +32,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._version import __version__
-from .calls import Caller, failed_result
+from .calls import Caller, RowAbandoned, failed_result
 from .client import APIClient
 from .config import RunConfig, Variant
 from .errors import (
@@ -472,6 +472,8 @@ class _Run:
                     return
                 self.stopped_by = _SIGNAL_NAMES.get(signum, str(signum))
                 self.reader_scope.cancel()
+                if self.caller is not None:
+                    self.caller.abandon_waits()
                 outer.start_soon(self._end_grace)
 
     async def _end_grace(self) -> None:
@@ -597,7 +599,11 @@ class _Run:
                         return
                     if self.stopped_by is not None:
                         continue  # stopping: rows not yet started wait for the resume
-                    await _put(results, await caller.call(record, slot))
+                    try:
+                        result = await caller.call(record, slot)
+                    except RowAbandoned:
+                        continue  # stopping: the resumed run sends it again
+                    await _put(results, result)
         finally:
             slot.release()
 

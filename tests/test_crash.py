@@ -150,3 +150,24 @@ def test_graceful_stop_then_resume_resends_nothing(
     seen = sim.stats(prompts=True)
     assert seen["requests"] == ROWS
     assert max(seen["prompt_counts"].values()) == 1
+
+
+def test_a_stop_does_not_wait_out_backoffs(
+    sim_process: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    """Rows waiting to retry are given up at once on SIGTERM, not after --grace."""
+    sim = sim_process("--fail-rate", "1.0")  # every answer a 500 or 503
+    inp, out = _input(tmp_path), tmp_path / "out"
+    command = [*_command(sim, inp, out), "--max-attempts", "50", "--grace", "30"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE)
+    time.sleep(2.0)  # long enough for rows to be in their backoffs
+    assert proc.poll() is None
+    asked = sim.stats()["requests"]
+    assert asked > CONCURRENCY
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert time.monotonic() - start < 10, "the stop waited out the backoffs"
+    # No row got a result, so none is recorded: the resumed run sends them all.
+    assert not _durable_ids(out)
