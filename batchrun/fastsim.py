@@ -3,15 +3,15 @@
 Benchmarks need a server that is never the bottleneck. aiohttp.web spends
 most of a core answering a fast Python client, so ``serve-mock --fast``
 answers from an ``asyncio.Protocol`` that parses only what OpenAI-compatible
-clients send: a request line, headers and a ``Content-Length`` body, one
-request at a time per connection (keep-alive, no pipelining, no chunked
-bodies). ``benchmarks/run.py`` measures both servers with wrk.
+clients send: a request line, headers and a ``Content-Length`` body (no
+chunked bodies), over keep-alive connections, answering the requests of one
+connection in order. ``benchmarks/run.py`` measures its capacity with wrk.
 
 The answers, ids, token counts and ``/stats`` come from the same
 ``Simulator`` as the full server. What the fast path leaves out: rate limits,
 fault injection, ``/sim/script`` and ``[[sim:...]]`` directives (such prompts
-get a plain answer); ``SimulatorConfig.fast_compatible`` says whether a config
-fits it.
+get a plain answer); ``SimulatorConfig.beyond_fast_path`` names the options
+set in a config that it cannot serve.
 """
 
 from __future__ import annotations

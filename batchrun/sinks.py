@@ -248,6 +248,7 @@ class PartWriter:
         self._kept_types = {self.kept_names[n]: t for n, t in kept.items()}
         self._kept_types.update(cell_columns)
         self.schema = result_schema(kept, cell_columns)
+        self._options = _write_options(self.schema)
 
     def table(self, rows: Sequence[Row]) -> pa.Table:
         """The rows as an Arrow table of ``self.schema``."""
@@ -272,7 +273,7 @@ class PartWriter:
         """
         path = part_path(self.results_dir, number)
         table = self.table(rows)
-        options = _write_options(self.schema)
+        options = self._options
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options))
         return path
 
@@ -397,6 +398,7 @@ def compact(
     sizes = [pq.ParquetFile(p).metadata.num_rows for _, p in parts]
     if keep is None and (len(parts) <= min_parts or max(sizes) >= target_rows):
         return len(parts)
+    options = _write_options(schema)
     temps: list[Path] = []
     writer: pq.ParquetWriter | None = None
     written = 0
@@ -421,9 +423,7 @@ def compact(
                     if writer is not None:
                         writer.close()
                     temps.append(results_dir / f".compact-{len(temps):05d}.tmp")
-                    writer = pq.ParquetWriter(
-                        temps[-1], schema, **_write_options(schema)
-                    )
+                    writer = pq.ParquetWriter(temps[-1], schema, **options)
                     written = 0
                 writer.write_table(table)
                 written += len(table)
