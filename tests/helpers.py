@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +46,14 @@ def read_results(out: Path) -> list[dict[str, Any]]:
     """All result rows of a run, in id order."""
     table = ds.dataset(out / "results", format="parquet").to_table()
     return sorted(table.to_pylist(), key=lambda r: str(r["id"]))
+
+
+def closed_port_url() -> str:
+    """A ``/v1`` base URL on a local port that nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 def run_cli(*args: str | Path) -> int:

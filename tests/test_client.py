@@ -7,7 +7,6 @@ scripted responses; nothing in aiohttp is mocked.
 from __future__ import annotations
 
 import email.utils
-import socket
 
 import pytest
 
@@ -25,7 +24,7 @@ from batchrun.errors import (
 )
 from batchrun.simulator import ScriptedResponse, SimulatorHandle
 
-from .helpers import SimFactory
+from .helpers import SimFactory, closed_port_url
 
 BODY = {"model": "m", "prompt": "x"}
 SECRET = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -217,11 +216,8 @@ async def test_timeout(sim: SimulatorHandle) -> None:
 
 async def test_connection_refused() -> None:
     """A closed port is an APIConnectionError."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     async with APIClient(
-        f"http://127.0.0.1:{port}/v1", api_key=None, timeout_s=5, concurrency=1
+        closed_port_url(), api_key=None, timeout_s=5, concurrency=1
     ) as client:
         with pytest.raises(APIConnectionError) as info:
             await client.post("completions", BODY)

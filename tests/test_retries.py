@@ -6,7 +6,6 @@ backoffs and Retry-After pauses take no real time.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,14 @@ from batchrun.config import RateLimits, RetryPolicy
 from batchrun.journal import read_segment, segments
 from batchrun.simulator import ScriptedResponse, SimulatorHandle
 
-from .helpers import SimFactory, VirtualTime, prompts, read_results, write_jsonl
+from .helpers import (
+    SimFactory,
+    VirtualTime,
+    closed_port_url,
+    prompts,
+    read_results,
+    write_jsonl,
+)
 
 
 async def _run(
@@ -334,14 +340,11 @@ async def test_circuit_breaker(sim_factory: SimFactory, tmp_path: Path) -> None:
 
 async def test_an_unreachable_endpoint_trips_the_breaker(tmp_path: Path) -> None:
     """Rows that exhaust their retries on refused connections abort the run."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
     vt = VirtualTime()
     config = RunConfig(
         inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(1000)),),
         output=OutputOptions(out_dir=tmp_path / "out"),
-        endpoint=EndpointConfig(base_url=f"http://127.0.0.1:{port}/v1"),
+        endpoint=EndpointConfig(base_url=closed_port_url()),
         request=RequestOptions(model="m"),
         concurrency=4,
         retry=RetryPolicy(max_attempts=3),
