@@ -110,7 +110,14 @@ class APIClient:
         self._urls = {name: URL(self.base_url + path) for name, path in _PATHS.items()}
 
     async def __aenter__(self) -> Self:
-        headers = {"Content-Type": "application/json", "User-Agent": "batchrun"}
+        # Every header aiohttp would add is set here: with skip_auto_headers
+        # instead, aiohttp builds and merges a header dict per request.
+        headers = {
+            "Accept": "*/*",
+            "Accept-Encoding": "identity",
+            "Content-Type": "application/json",
+            "User-Agent": "batchrun",
+        }
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         connector = aiohttp.TCPConnector(
@@ -122,7 +129,6 @@ class APIClient:
             timeout=self._timeout,
             # No cookies and no compressed bodies: nothing per request to track.
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("Accept-Encoding",),
             auto_decompress=False,
         )
         return self

@@ -6,7 +6,9 @@ scripted responses; nothing in aiohttp is mocked.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import re
 
 import pytest
 
@@ -237,6 +239,42 @@ async def test_api_key_is_sent(sim_factory: SimFactory) -> None:
         with pytest.raises(FatalAPIError) as info:
             await client.post("completions", BODY)
     assert info.value.status == 401
+
+
+async def test_request_head_asks_for_an_uncompressed_json_answer() -> None:
+    """Every request names its body type, its client, and no compression."""
+    heads: list[bytes] = []
+    answer = b'{"choices": [{"index": 0, "text": "x", "finish_reason": "stop"}]}'
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        assert length is not None
+        await reader.readexactly(int(length.group(1)))
+        heads.append(head.lower())
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with (
+        server,
+        APIClient(
+            f"http://127.0.0.1:{port}/v1", api_key=None, timeout_s=5, concurrency=1
+        ) as client,
+    ):
+        reply = await client.post("completions", BODY)
+    assert reply.data["choices"][0]["text"] == "x"
+    (head,) = heads
+    assert head.startswith(b"post /v1/completions http/1.1\r\n")
+    assert b"\r\naccept-encoding: identity\r\n" in head
+    assert b"\r\ncontent-type: application/json\r\n" in head
+    assert b"\r\nuser-agent: batchrun\r\n" in head
+    assert b"gzip" not in head
 
 
 @pytest.mark.parametrize("status", [400, 401, 500])
