@@ -406,7 +406,9 @@ class Page:
             " --model mock-model --max-tokens 16 --concurrency C --progress lines"
             f" --event-loop {res.event_loop}`, stderr to a file (so a progress line"
             " every 10 s), journal on as always, Parquet results, a fresh OUT per"
-            " run.",
+            " run. batchrun is byte-compiled first (`compileall`), as"
+            " `pip install` leaves it: an editable install would otherwise"
+            " compile its modules on every start.",
             "  - **bare aiohttp** (`benchmarks/bare_aiohttp.py`): one"
             " `ClientSession`, C workers, POST and parse the JSON; nothing else."
             " The practical ceiling.",

@@ -49,6 +49,7 @@ from harness import (
     write_parquet,
 )
 from report import Results, write_chart, write_report
+from throughput import compile_batchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("cpu", "latency", "memory", "startup")
@@ -269,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    compile_batchrun()
     command = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
     results = Results(
         command=command,

@@ -11,6 +11,8 @@ client CPU per 1,000 requests of each, plus their ratio.
 from __future__ import annotations
 
 import argparse
+import compileall
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +27,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def compile_batchrun() -> None:
+    """Byte-compile batchrun the way ``pip install`` does.
+
+    An editable install (or ``PYTHONDONTWRITEBYTECODE``) leaves no ``.pyc``
+    files, and every run would then compile the package first: about 55 ms of
+    CPU here that an installed batchrun never spends.
+    """
+    spec = importlib.util.find_spec("batchrun")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("batchrun is not installed: pip install -e .")
+    for location in spec.submodule_search_locations:
+        compileall.compile_dir(location, quiet=1)
 
 
 def free_port() -> int:
@@ -105,6 +121,7 @@ def main() -> None:
         help="serve from the aiohttp.web simulator instead of serve-mock --fast",
     )
     args = parser.parse_args()
+    compile_batchrun()
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
     work = Path(tempfile.mkdtemp(prefix="batchrun-bench-"))
