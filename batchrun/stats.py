@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from tqdm import tqdm
-
 from .config import Price
 from .sinks import LOG_KEY
 
@@ -406,6 +404,10 @@ class TqdmProgress:
     def __init__(
         self, total: int | None, stream: TextIO, *, note: Callable[[], str] = _no_note
     ) -> None:
+        # Deferred: importing tqdm costs 10-15 ms of start-up, and runs in
+        # logs, pipes or with --quiet never draw a bar.
+        from tqdm import tqdm
+
         self._note = note
         self._bar = tqdm(
             total=total, file=stream, unit="row", dynamic_ncols=True, smoothing=0.1

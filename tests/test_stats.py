@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,23 @@ def test_make_progress_auto_on_non_tty_is_lines() -> None:
     clock.advance(2.0)
     progress.refresh(stats)
     assert out.getvalue().startswith("batchrun: 0 rows")
+
+
+def test_tqdm_is_imported_only_for_a_bar() -> None:
+    """Plain lines (logs, pipes, --quiet) never pay tqdm's import."""
+    script = (
+        "import io, sys\n"
+        "import batchrun.cli, batchrun.runner\n"
+        "from batchrun.stats import make_progress\n"
+        "make_progress('lines', 3, stream=io.StringIO())\n"
+        "before = 'tqdm' in sys.modules\n"
+        "make_progress('bar', 3, stream=io.StringIO())\n"
+        "print(before, 'tqdm' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split() == ["False", "True"], done.stderr
 
 
 def test_make_progress_bar() -> None:
