@@ -127,6 +127,12 @@ class GroupStats:
         if attempts:
             self.latencies.add(row["latency_s"])
 
+    def merge(self, other: GroupStats) -> None:
+        """Add another group's counters and latencies to this one."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latencies.merge(other.latencies)
+
     def dump(self) -> dict[str, Any]:
         """The counters as JSON data, for the manifest."""
         data = {name: getattr(self, name) for name in _COUNTERS}
@@ -187,7 +193,8 @@ class StatsCollector:
     """Aggregates result rows per (model, endpoint) and for the whole output.
 
     ``total`` and the groups cover every run into the same output (restored
-    from the manifest on resume); ``session`` covers this run only.
+    from the manifest on resume); ``session`` covers this run only. Rows are
+    counted once, in their group; ``total`` adds the groups up when read.
 
     Args:
         clock: Monotonic seconds, injectable for tests.
@@ -204,30 +211,34 @@ class StatsCollector:
         self.started = clock()
         self.prior_wall_s = 0.0
         self.skipped = 0
-        self.total = GroupStats()
         self._prior = GroupStats()
         self._groups: dict[_Key, GroupStats] = {}
 
     def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Count finished result rows."""
         groups = self._groups
-        total = self.total
         for row in rows:
             key = (row.get("variant") or "", row["model"], row["endpoint"])
             group = groups.get(key)
             if group is None:
                 group = groups[key] = GroupStats()
             group.add(row)
-            total.add(row)
+
+    @property
+    def total(self) -> GroupStats:
+        """The counters and latencies of every group together."""
+        total = GroupStats()
+        for group in self._groups.values():
+            total.merge(group)
+        return total
 
     @property
     def session(self) -> GroupStats:
         """The counters of this run alone (latencies not included)."""
+        total = self.total
         session = GroupStats()
         for name in _COUNTERS:
-            setattr(
-                session, name, getattr(self.total, name) - getattr(self._prior, name)
-            )
+            setattr(session, name, getattr(total, name) - getattr(self._prior, name))
         return session
 
     def elapsed(self) -> float:
@@ -251,10 +262,7 @@ class StatsCollector:
             group = GroupStats.load(item)
             key = (item.get("variant") or "", str(item["model"]), str(item["endpoint"]))
             self._groups[key] = group
-            for target in (self.total, self._prior):
-                for name in _COUNTERS:
-                    setattr(target, name, getattr(target, name) + getattr(group, name))
-            self.total.latencies.merge(group.latencies)
+            self._prior.merge(group)
 
     def _cost(self, model: str, group: GroupStats) -> float | None:
         price = self.pricing.get(model) or self.pricing.get("*")
