@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -85,17 +86,30 @@ def test_journal_appends_rotates_and_discards(tmp_path: Path) -> None:
 
 
 def test_torn_tail_is_cut_before_appending(tmp_path: Path) -> None:
-    """Reopening a segment with a torn last line cuts it, so new lines stay whole."""
+    """Reopening a segment with a torn last line cuts it, so new lines stay whole.
+
+    A line is one batch: tearing it loses the whole (never acknowledged) batch.
+    """
     journal = Journal(tmp_path, 0)
     journal.append([make_row("a"), make_row("b")])
+    journal.append([make_row("c"), make_row("d")])
     journal.close()
     path = segments(tmp_path)[0][1]
+    assert path.read_bytes().count(b"\n") == 2
     path.write_bytes(path.read_bytes()[:-4])
-    assert [r["id"] for r in read_segment(path)] == ["a"]
+    assert [r["id"] for r in read_segment(path)] == ["a", "b"]
     journal = Journal(tmp_path, 0)
-    journal.append([make_row("c")])
+    journal.append([make_row("e")])
     journal.close()
-    assert [r["id"] for r in read_segment(path)] == ["a", "c"]
+    assert [r["id"] for r in read_segment(path)] == ["a", "b", "e"]
+
+
+def test_a_segment_of_one_row_per_line_is_read(tmp_path: Path) -> None:
+    """Lines holding a single row object (the earlier format) are still read."""
+    path = tmp_path / "seg-00000.jsonl"
+    rows = [make_row("a"), make_row("b")]
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    assert [r["id"] for r in read_segment(path)] == ["a", "b"]
 
 
 def test_empty_segment_is_removed_on_close(tmp_path: Path) -> None:
