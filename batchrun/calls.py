@@ -259,7 +259,9 @@ class Caller:
         concurrency = self.concurrency
         reserved = await limiter.acquire(cost)
         try:
-            reply = await self.client.post(record.endpoint, record.body)
+            reply = await self.client.post(
+                record.endpoint, record.payload or record.body
+            )
         except RateLimitError as exc:
             log.rate_limited += 1
             limiter.settle(reserved, 0, 0)

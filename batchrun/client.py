@@ -149,8 +149,12 @@ class APIClient:
             text = text.replace(self._api_key, "***")
         return text
 
-    async def post(self, endpoint: Endpoint, body: JSONObject) -> Reply:
+    async def post(self, endpoint: Endpoint, body: bytes | JSONObject) -> Reply:
         """Send one request and return the parsed answer.
+
+        Args:
+            endpoint: Where to send it.
+            body: The JSON body, encoded already or to encode here.
 
         Raises:
             TransientError: Retryable (429, 5xx, timeout, connection, bad body).
@@ -161,8 +165,9 @@ class APIClient:
         if session is None:
             raise RuntimeError("APIClient used outside 'async with'")
         url = self._urls[endpoint]
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
         try:
-            async with session.post(url, data=orjson.dumps(body)) as response:
+            async with session.post(url, data=data) as response:
                 raw = await response.read()
                 status = response.status
                 headers = response.headers

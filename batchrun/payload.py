@@ -56,11 +56,16 @@ def endpoint_from_url(url: object) -> Endpoint:
     )
 
 
-def request_hash(endpoint: Endpoint, body: JSONObject) -> int:
-    """A stable 64-bit hash of what is sent (key order does not matter)."""
+def encode_body(body: JSONObject) -> bytes:
+    """The request body as sent: JSON with its keys sorted, so that equal
+    requests are equal bytes whatever order their keys came in."""
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def request_hash(endpoint: Endpoint, payload: bytes) -> int:
+    """A stable 64-bit hash of what is sent (``payload`` from ``encode_body``)."""
     digest = hashlib.blake2b(
-        endpoint.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
-        digest_size=8,
+        endpoint.encode() + b"\0" + payload, digest_size=8
     ).digest()
     return int.from_bytes(digest, "little", signed=True)
 
@@ -73,8 +78,12 @@ def _record(
     extra: JSONObject | None,
     hashed: bool,
 ) -> PromptRecord:
-    digest = request_hash(endpoint, body) if hashed else 0
-    return PromptRecord(row_id, endpoint, body, prompt, extra, digest)
+    if not hashed:  # only checked, never sent
+        return PromptRecord(row_id, endpoint, body, prompt, extra)
+    # Encoded once, here: the same bytes are hashed and sent.
+    payload = encode_body(body)
+    digest = request_hash(endpoint, payload)
+    return PromptRecord(row_id, endpoint, body, prompt, extra, digest, payload=payload)
 
 
 def _check_messages(messages: object, field: str) -> list[JSONObject]:
@@ -196,7 +205,8 @@ class RequestBuilder:
         Args:
             row: The input row.
             row_id: Its id.
-            hashed: Compute ``request_hash`` (the scan's checks skip it).
+            hashed: Encode the body and compute ``request_hash``; the scan's
+                checks, whose records are never sent, skip both.
 
         Raises:
             InputError: The row lacks what its request needs.

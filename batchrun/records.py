@@ -58,9 +58,11 @@ class PromptRecord:
         body: The JSON request body, model included.
         prompt: The rendered prompt, or the messages as JSON text.
         extra: Input columns to carry into the result (``--keep-columns``).
-        request_hash: A 64-bit hash of endpoint and body; resume re-runs a row
-            whose request changed since it was answered.
+        request_hash: A 64-bit hash of endpoint and payload; resume re-runs a
+            row whose request changed since it was answered.
         variant: The sweep cell this request belongs to, if any.
+        payload: ``body`` encoded as sent (``payload.encode_body``); empty
+            for a record built only to be checked, which is never sent.
     """
 
     id: str
@@ -70,6 +72,7 @@ class PromptRecord:
     extra: JSONObject | None = None
     request_hash: int = 0
     variant: str | None = None
+    payload: bytes = b""
 
     @property
     def model(self) -> str:

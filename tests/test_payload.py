@@ -420,3 +420,40 @@ def test_keep_columns_on_chat_and_batch_rows() -> None:
     assert chat.extra == {"tag": "c"}
     row = _batch_row({"prompt": "x"}, url="/v1/completions", tag="b")
     assert builder.build(row, "2").extra == {"tag": "b"}
+
+
+# --- what is sent, and its hash ----------------------------------------------
+
+
+def test_the_body_is_encoded_once_with_sorted_keys() -> None:
+    """The payload is the body as sent; the same request hashes the same however
+    its keys were ordered, and a changed parameter changes the hash."""
+    builder = _builder()
+    url = "/v1/completions"
+    one = builder.build(
+        _batch_row({"prompt": "Hi", "model": "m", "max_tokens": 5}, url=url), "a"
+    )
+    two = builder.build(
+        _batch_row({"max_tokens": 5, "prompt": "Hi", "model": "m"}, url=url), "b"
+    )
+    other = builder.build(
+        _batch_row({"prompt": "Hi", "model": "m", "max_tokens": 6}, url=url), "c"
+    )
+    assert one.payload == b'{"max_tokens":5,"model":"m","prompt":"Hi"}'
+    assert orjson.loads(one.payload) == one.body
+    assert two.payload == one.payload
+    assert two.request_hash == one.request_hash
+    assert other.request_hash != one.request_hash
+
+
+def test_the_request_hash_is_stable_across_releases() -> None:
+    """Outputs written earlier resume without re-running their rows: the hash
+    of a given request never changes."""
+    builder = _builder(params={"max_tokens": 5})
+    assert builder.build({"prompt": "Hello"}, "x").request_hash == -7598511719510822734
+
+
+def test_a_record_built_only_to_check_is_not_encoded() -> None:
+    """The scan's records are never sent: no payload, no hash."""
+    record = _builder().build({"prompt": "Hello"}, "x", hashed=False)
+    assert (record.payload, record.request_hash) == (b"", 0)
