@@ -187,22 +187,12 @@ class Caller:
         log = AttemptLog()
         started = time.time()
         t0 = self._clock()
-
-        async def attempt() -> tuple[Reply, Usage]:
-            await slot.hold()
-            return await self._attempt(record, cost, log)
-
-        async def backoff(seconds: float) -> None:
-            slot.release()
-            await self._back_off(seconds)
-
         try:
             try:
-                reply, usage = await attempt()
+                await slot.hold()
+                reply, usage = await self._attempt(record, cost, log)
             except TransientError as failure:
-                reply, usage = await self._retrier.retry(
-                    attempt, failure, t0, sleep=backoff
-                )
+                reply, usage = await self._retry(record, cost, log, slot, failure, t0)
         except (TransientError, PermanentError) as exc:
             return self._failure(record, exc, log, started, self._clock() - t0)
         latency = self._clock() - t0
@@ -231,6 +221,27 @@ class Caller:
             request_hash=record.request_hash,
             variant=record.variant,
         )
+
+    async def _retry(
+        self,
+        record: PromptRecord,
+        cost: Cost,
+        log: AttemptLog,
+        slot: Slot,
+        failure: TransientError,
+        t0: float,
+    ) -> tuple[Reply, Usage]:
+        """Retry after a first attempt failed; the slot is let go in backoffs."""
+
+        async def attempt() -> tuple[Reply, Usage]:
+            await slot.hold()
+            return await self._attempt(record, cost, log)
+
+        async def backoff(seconds: float) -> None:
+            slot.release()
+            await self._back_off(seconds)
+
+        return await self._retrier.retry(attempt, failure, t0, sleep=backoff)
 
     def _failure(
         self,
