@@ -116,3 +116,28 @@ def test_empty_segment_is_removed_on_close(tmp_path: Path) -> None:
     """Closing a segment nothing was written to deletes it."""
     Journal(tmp_path, 3).close()
     assert segments(tmp_path) == []
+
+
+def test_parts_skip_statistics_and_dictionaries_that_cannot_help(
+    tmp_path: Path,
+) -> None:
+    """Free text gets no min/max statistics; columns of distinct values get no
+    dictionary; short repeated columns keep both."""
+    writer = PartWriter(tmp_path)
+    path = writer.write(0, [make_row(f"r{i}", completion=f"c{i}") for i in range(50)])
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {
+        group.column(i).path_in_schema: group.column(i)
+        for i in range(group.num_columns)
+    }
+
+    def dictionary(name: str) -> bool:
+        return "RLE_DICTIONARY" in columns[name].encodings
+
+    assert columns["prompt"].statistics is None
+    assert columns["completion"].statistics is None
+    assert columns["status"].statistics is not None
+    assert not dictionary("id")
+    assert not dictionary("completion")
+    assert dictionary("status")
+    assert dictionary("model")
