@@ -415,8 +415,10 @@ def compact(
         keep, total = _latest_positions(results_dir)
         if len(keep) == total:
             keep = None
-    sizes = [pq.ParquetFile(p).metadata.num_rows for _, p in parts]
-    if keep is None and (len(parts) <= min_parts or max(sizes) >= target_rows):
+    if keep is None and (
+        len(parts) <= min_parts
+        or max(pq.ParquetFile(p).metadata.num_rows for _, p in parts) >= target_rows
+    ):
         return len(parts)
     options = _write_options(schema)
     temps: list[Path] = []
