@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 
@@ -20,6 +21,11 @@ def main() -> int:
     # 0.16-0.26 s of CPU on 20,000 rows (measured with gc.callbacks), against
     # 0.02 s at 10,000. Reference counting frees nearly all of it anyway.
     gc.set_threshold(10_000)
+    # Arrow's bundled allocator (mimalloc or jemalloc) keeps memory it has
+    # freed: a 1,000,000-row run peaked at 188 MB with it and at 146 MB with
+    # the system allocator, which also used less CPU (166 s against 189 s).
+    # An ARROW_DEFAULT_MEMORY_POOL of your own still wins.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     from .cli import main as cli_main
 
     return cli_main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,10 +44,11 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
-    """The CLI process never imports NumPy (0.15 s of start-up) and collects
-    cyclic garbage every 10,000 allocations, not 700.
+    """The CLI process never imports NumPy (0.15 s of start-up), collects
+    cyclic garbage every 10,000 allocations, not 700, and gives Arrow the
+    system allocator unless told otherwise.
 
-    ``import batchrun`` as a library hides nothing.
+    ``import batchrun`` as a library changes none of these.
     """
     script = (
         "import sys\n"
@@ -54,24 +56,41 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         "sys.argv = ['batchrun', 'status', sys.argv[1]]\n"
         "code = main()\n"
         "import gc\n"
+        "import pyarrow as pa\n"
         "numpy = sys.modules.get('numpy', 'absent')\n"
-        "print(code, 'pyarrow' in sys.modules, numpy, gc.get_threshold()[0])\n"
+        "pool = pa.default_memory_pool().backend_name\n"
+        "print(code, 'pyarrow' in sys.modules, numpy, gc.get_threshold()[0], pool)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.stdout.split() == ["2", "True", "None", "10000"], done.stderr
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+
+    def command(chosen: str | None) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "missing")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env if chosen is None else {**env, "ARROW_DEFAULT_MEMORY_POOL": chosen},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert command(None) == ["2", "True", "None", "10000", "system"]
+    assert command("mimalloc")[-1] == "mimalloc"
     check = (
         "import sys, batchrun\n"
         "batchrun.run\n"
+        "import pyarrow as pa\n"
         "numpy = sys.modules.get('numpy', 'absent')\n"
         "import gc\n"
-        "print('pyarrow' in sys.modules, numpy is not None, gc.get_threshold()[0])"
+        "pool = pa.default_memory_pool().backend_name\n"
+        "print('pyarrow' in sys.modules, numpy is not None, gc.get_threshold()[0],"
+        " pool != 'system')"
     )
     library = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
-    assert library.stdout.split() == ["True", "True", "700"], library.stderr
+    assert library.stdout.split() == ["True", "True", "700", "True"], library.stderr
