@@ -298,10 +298,11 @@ class Page:
             "",
             f"batchrun alone, concurrency {MEMORY_CONCURRENCY}, latency 0, on Parquet"
             f" inputs of {small:,} and {large:,} rows (`id`, and a `prompt` of about"
-            " 500 characters). The peak comes at the end of a run, when the parts"
-            " are compacted, and varies by 10-20 MB from run to run, so the smaller"
-            " input runs three times and its median run is shown; the large one"
-            " runs once (it takes minutes).",
+            " 500 characters). The smaller input runs three times and its median"
+            " run is shown; the large one runs once (it takes minutes). The"
+            " command gives Arrow the system allocator: with Arrow's bundled"
+            " mimalloc, which keeps memory it has freed, the peaks were 30-70 MB"
+            " higher and varied by up to 45 MB between runs of the same input.",
             "",
         ]
         rows = [
