@@ -401,9 +401,10 @@ def _no_note() -> str:
     return ""
 
 
-def _rates(stats: StatsCollector) -> tuple[float, float]:
+def _rates(stats: StatsCollector, session: GroupStats) -> tuple[float, float]:
+    """Rows/s and completion tokens/s of this run (``session`` is its counts)."""
     elapsed = max(stats.elapsed(), 1e-9)
-    return stats.session.requests / elapsed, stats.session.completion_tokens / elapsed
+    return session.requests / elapsed, session.completion_tokens / elapsed
 
 
 class TqdmProgress:
@@ -424,9 +425,10 @@ class TqdmProgress:
 
     def refresh(self, stats: StatsCollector) -> None:
         """Advance the bar to the collector's count."""
-        done = stats.session.requests + stats.skipped
-        _, tok_s = _rates(stats)
+        # One sum of the groups per refresh: ``session`` adds them up.
         t = stats.session
+        done = t.requests + stats.skipped
+        _, tok_s = _rates(stats, t)
         self._bar.set_postfix_str(
             f"ok={t.succeeded} failed={t.failed} tok/s={tok_s:.0f}"
             f" retries={t.retries} 429s={t.rate_limited} {self._note()}",
@@ -470,7 +472,7 @@ class LineProgress:
     def _print(self, stats: StatsCollector) -> None:
         t = stats.session
         done = t.requests + stats.skipped
-        rate, tok_s = _rates(stats)
+        rate, tok_s = _rates(stats, t)
         of = f"/{self._total}" if self._total is not None else ""
         eta = ""
         if self._total is not None and rate > 0:
