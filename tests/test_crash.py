@@ -165,10 +165,12 @@ def test_a_stop_does_not_wait_out_backoffs(
     inp, out = _input(tmp_path), tmp_path / "out"
     command = [*_command(sim, inp, out), "--max-attempts", "50", "--grace", "30"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE)
-    time.sleep(2.0)  # long enough for rows to be in their backoffs
+    # More requests than slots: rows have failed and are in their backoffs.
+    deadline = time.monotonic() + 30
+    while sim.stats()["requests"] <= CONCURRENCY and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert proc.poll() is None
-    asked = sim.stats()["requests"]
-    assert asked > CONCURRENCY
+    assert sim.stats()["requests"] > CONCURRENCY
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
