@@ -120,6 +120,11 @@ class RequestBuilder:
         self._template: jinja2.Template | None = None
         self._undefined_error: type[Exception] = Exception
         self.template_fields: frozenset[str] = frozenset()
+        # A row with a text prompt needs no check beyond its type when there
+        # is no template and the model is known: the scan's check then costs
+        # a dict lookup instead of building a request (8 of its 21 thousand
+        # instructions a row, measured with callgrind).
+        self._plain = options.template is None and bool(options.model)
         if options.template is not None:
             # Imported only for templated runs: 30 ms of start-up otherwise.
             import jinja2
@@ -188,6 +193,12 @@ class RequestBuilder:
 
     def check(self, row: Mapping[str, Any]) -> None:
         """Validate a row cheaply, without rendering its template."""
+        if self._plain and isinstance(row.get(self.options.prompt_column), str):
+            plain = self.options.endpoint != "chat" or (
+                row.get(self.options.messages_column) is None
+            )
+            if plain and not is_batch_row(row):
+                return  # build() would succeed
         if self._template is not None and not is_batch_row(row):
             for name in self.template_fields:
                 if name not in row:

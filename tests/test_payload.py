@@ -359,6 +359,43 @@ def test_check_validates_batch_rows() -> None:
     assert info.value.field == "url"
 
 
+_CHECK_ROWS: list[dict[str, Any]] = [
+    {"prompt": "hi"},
+    {"prompt": "hi", "messages": [{"role": "user", "content": "x"}]},
+    {"prompt": "hi", "messages": "not a list"},
+    {"prompt": "hi", "messages": []},
+    {"prompt": 7},
+    {"prompt": None},
+    {"messages": [{"role": "user", "content": "x"}]},
+    {"messages": [{"role": "wizard", "content": "x"}]},
+    {"other": 1},
+    _batch_row({"prompt": "hi"}, url="/v1/completions"),
+    _batch_row({"messages": "x"}, prompt="hi"),
+    {"prompt": "hi", "custom_id": "c", "body": {}},
+]
+
+
+def _outcome(action: Any) -> str | None:
+    try:
+        action()
+    except InputError as exc:
+        return f"{exc.field}: {exc.reason}"
+    return None
+
+
+@pytest.mark.parametrize("endpoint", [None, "completions", "chat"])
+@pytest.mark.parametrize("model", ["m", None])
+@pytest.mark.parametrize("row", _CHECK_ROWS, ids=range(len(_CHECK_ROWS)))
+def test_check_rejects_exactly_the_rows_build_rejects(
+    row: dict[str, Any], endpoint: str | None, model: str | None
+) -> None:
+    """Without a template, check() (with its shortcut for text prompts) fails
+    on the same rows as build(), naming the same field and reason."""
+    builder = _builder(endpoint=endpoint, model=model)
+    expected = _outcome(lambda: builder.build(row, "r1"))
+    assert _outcome(lambda: builder.check(row)) == expected
+
+
 # --- ids ----------------------------------------------------------------------
 
 
