@@ -488,6 +488,8 @@ def test_the_request_hash_is_stable_across_releases() -> None:
     of a given request never changes."""
     builder = _builder(params={"max_tokens": 5})
     assert builder.build({"prompt": "Hello"}, "x").request_hash == -7598511719510822734
+    chat = _builder(params={"max_tokens": 5}, endpoint="chat")
+    assert chat.build({"prompt": "Hello"}, "x").request_hash == 1113665783927558201
 
 
 def test_a_record_built_only_to_check_is_not_encoded() -> None:
