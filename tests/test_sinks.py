@@ -141,3 +141,21 @@ def test_parts_skip_statistics_and_dictionaries_that_cannot_help(
     assert not dictionary("completion")
     assert dictionary("status")
     assert dictionary("model")
+
+
+def test_a_part_takes_each_value_from_its_own_column(tmp_path: Path) -> None:
+    """Every column of a part holds that row's value, and a row journaled
+    without a newer column (an earlier version's journal) gets a null there."""
+    writer = PartWriter(tmp_path)
+    rows = [make_row(f"r{i}", completion=f"c{i}", started_at=i + 1.5) for i in range(3)]
+    table = writer.table(rows)
+    assert table.column("id").to_pylist() == ["r0", "r1", "r2"]
+    assert table.column("completion").to_pylist() == ["c0", "c1", "c2"]
+    started = [t.timestamp() for t in table.column("started_at").to_pylist()]
+    assert started == [1.5, 2.5, 3.5]
+    old = dict(rows[1])
+    del old["http_status"]
+    table = writer.table([rows[0], old])
+    assert table.column("http_status").to_pylist() == [200, None]
+    assert table.column("completion").to_pylist() == ["c0", "c1"]
+    assert writer.table([]).num_rows == 0
