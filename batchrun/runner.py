@@ -31,6 +31,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._libc import release_free_memory
 from ._version import __version__
 from .calls import Caller, RowAbandoned, failed_result
 from .client import APIClient
@@ -693,6 +694,7 @@ class _Run:
         assert sink is not None
         assert journal is not None
         sink.write(number, rows)
+        release_free_memory()
         self.parts_through = number
         self.durable_stats = snapshot
         self._write_manifest("running")

@@ -102,8 +102,9 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
 _COUNT_ARENAS = """
 import ctypes, sys, tempfile, threading
 if sys.argv[1] == "command":
-    from batchrun.__main__ import _limit_malloc_arenas
-    _limit_malloc_arenas()
+    from batchrun.__main__ import main
+    sys.argv = ["batchrun", "status", tempfile.mkdtemp() + "/missing"]
+    main()
 else:
     import batchrun
     batchrun.run
