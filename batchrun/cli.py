@@ -608,9 +608,7 @@ def _resume_command(argv: Sequence[str]) -> str:
 
 def _cmd_run(args: argparse.Namespace, job: Job | None, argv: Sequence[str]) -> int:
     from .runner import run
-    from .sinks import use_system_allocator
 
-    use_system_allocator()
     stats = run(_run_config(args, job))
     if stats.stopped_by is not None:
         print(stats.summary(), file=sys.stderr)

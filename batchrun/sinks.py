@@ -44,7 +44,6 @@ __all__ = [
     "read_parts",
     "result_row",
     "row_keys",
-    "use_system_allocator",
     "write_json",
     "write_usage",
 ]
@@ -111,17 +110,6 @@ USAGE_SCHEMA = pa.schema(
         ("cost_usd", pa.float64()),
     ]
 )
-
-
-def use_system_allocator() -> None:
-    """Make Arrow allocate with the C library's malloc, for the whole process.
-
-    Arrow's default (mimalloc) keeps freed memory for reuse: over a run of
-    200,000 rows of 500-character prompts it held 234 MB at peak where malloc
-    held 178 MB, and the gap grows with the input. The CLI owns its process and
-    calls this; a library user's process is left as it is.
-    """
-    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def infer_type(kinds: Iterable[type]) -> pa.DataType:

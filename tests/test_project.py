@@ -79,6 +79,22 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
 
     assert command(None) == ["2", "True", "None", "10000", "system"]
     assert command("mimalloc")[-1] == "mimalloc"
+    # A run too keeps the pool the user chose.
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hi"}\n')
+    run = script.replace(
+        "['batchrun', 'status', sys.argv[1]]",
+        f"['batchrun', 'run', {str(inp)!r}, '-o', sys.argv[1], '--provider',"
+        " 'mock', '--quiet']",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", run, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"},
+    )
+    assert done.stdout.split()[::4] == ["0", "mimalloc"], done.stderr
     check = (
         "import sys, batchrun\n"
         "batchrun.run\n"
