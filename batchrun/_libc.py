@@ -26,10 +26,11 @@ def _glibc() -> Any:
         return None
 
 
-def limit_arenas(count: int) -> bool:
-    """Let malloc keep at most ``count`` arenas; whether that could be set."""
+def limit_arenas(count: int) -> None:
+    """Let malloc keep at most ``count`` arenas."""
     libc = _glibc()
-    return libc is not None and bool(libc.mallopt(_M_ARENA_MAX, count))
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, count)
 
 
 def release_free_memory() -> None:

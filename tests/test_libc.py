@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -47,3 +48,51 @@ def test_release_free_memory_returns_freed_pages_between_live_blocks() -> None:
     """About 85 MB freed between live blocks stays resident until released."""
     assert _released_mb("keep") < 5
     assert _released_mb("trim") > 40
+
+
+_COUNT_ARENAS = """
+import ctypes, sys, tempfile, threading
+if sys.argv[1] == "command":
+    from batchrun.__main__ import main
+    sys.argv = ["batchrun", "status", tempfile.mkdtemp() + "/missing"]
+    main()
+else:
+    import batchrun
+    batchrun.run
+gate = threading.Barrier(7)
+def allocate():
+    kept = [bytes(2000) for _ in range(50)]  # above pymalloc's size: malloc
+    gate.wait()
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for thread in threads:
+    thread.start()
+gate.wait()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    stream = ctypes.c_void_p(libc.fopen(out.name.encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+def test_the_command_keeps_at_most_two_malloc_arenas() -> None:
+    """Threads of the batchrun command share two malloc arenas; a program
+    that imports batchrun, or sets MALLOC_ARENA_MAX itself, is left alone."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def arenas(mode: str, extra: dict[str, str] | None = None) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _COUNT_ARENAS, mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, **(extra or {})},
+        )
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    assert arenas("command") == 2
+    assert arenas("library") >= 6
+    assert arenas("command", {"MALLOC_ARENA_MAX": "4"}) == 4

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,55 +110,3 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         env=env,
     )
     assert library.stdout.split() == ["True", "True", "700", "True"], library.stderr
-
-
-_COUNT_ARENAS = """
-import ctypes, sys, tempfile, threading
-if sys.argv[1] == "command":
-    from batchrun.__main__ import main
-    sys.argv = ["batchrun", "status", tempfile.mkdtemp() + "/missing"]
-    main()
-else:
-    import batchrun
-    batchrun.run
-gate = threading.Barrier(7)
-def allocate():
-    kept = [bytes(2000) for _ in range(50)]  # above pymalloc's size: malloc
-    gate.wait()
-threads = [threading.Thread(target=allocate) for _ in range(6)]
-for thread in threads:
-    thread.start()
-gate.wait()
-libc = ctypes.CDLL(None)
-libc.fopen.restype = ctypes.c_void_p
-with tempfile.NamedTemporaryFile(suffix=".xml") as out:
-    stream = ctypes.c_void_p(libc.fopen(out.name.encode(), b"w"))
-    libc.malloc_info(0, stream)
-    libc.fclose(stream)
-    print(open(out.name).read().count("<heap nr="))
-"""
-
-
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="malloc arenas are glibc's",
-)
-def test_the_command_keeps_at_most_two_malloc_arenas() -> None:
-    """Threads of the batchrun command share two malloc arenas; a program
-    that imports batchrun, or sets MALLOC_ARENA_MAX itself, is left alone."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-
-    def arenas(mode: str, extra: dict[str, str] | None = None) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", _COUNT_ARENAS, mode],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**env, **(extra or {})},
-        )
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout)
-
-    assert arenas("command") == 2
-    assert arenas("library") >= 6
-    assert arenas("command", {"MALLOC_ARENA_MAX": "4"}) == 4
