@@ -216,6 +216,61 @@ async def test_timeout(sim: SimulatorHandle) -> None:
     assert "0.05" in str(error)
 
 
+async def test_timeout_keeps_the_limit(sim: SimulatorHandle) -> None:
+    """A request that gets no answer fails at its limit (plus at most one tick),
+    not when the server finally answers."""
+    sim.state.enqueue(ScriptedResponse(delay_ms=5000))
+    loop = asyncio.get_running_loop()
+    async with APIClient(
+        sim.base_url, api_key=None, timeout_s=0.2, concurrency=1
+    ) as client:
+        started = loop.time()
+        with pytest.raises(APITimeoutError):
+            await client.post("completions", BODY)
+        elapsed = loop.time() - started
+        # The connection it held was closed, not returned to the pool: the
+        # next request gets an answer on a new one.
+        reply = await client.post("completions", BODY)
+    assert 0.2 <= elapsed < 1.0
+    assert reply.status == 200
+
+
+async def test_timeouts_among_fast_requests(sim: SimulatorHandle) -> None:
+    """Only the requests that overrun time out; the others in flight finish."""
+    sim.state.enqueue(
+        *(ScriptedResponse(delay_ms=5000 if i % 2 else 0) for i in range(8))
+    )
+    async with APIClient(
+        sim.base_url, api_key=None, timeout_s=0.3, concurrency=8
+    ) as client:
+
+        async def post() -> str:
+            try:
+                await client.post("completions", BODY)
+            except APITimeoutError:
+                return "timeout"
+            return "ok"
+
+        outcomes = await asyncio.gather(*(post() for _ in range(8)))
+    assert sorted(outcomes) == ["ok"] * 4 + ["timeout"] * 4
+
+
+async def test_timeout_counts_from_sending(sim: SimulatorHandle) -> None:
+    """The limit runs from sending: a request that waited for a pooled
+    connection behind one that timed out still gets its whole limit."""
+    sim.state.enqueue(ScriptedResponse(delay_ms=5000), ScriptedResponse(delay_ms=100))
+    async with APIClient(
+        sim.base_url, api_key=None, timeout_s=0.2, concurrency=1
+    ) as client:
+        results = await asyncio.gather(
+            client.post("completions", BODY),
+            client.post("completions", BODY),
+            return_exceptions=True,
+        )
+    assert [type(r) for r in results] == [APITimeoutError, Reply]
+    assert sim.state.request_count == 2
+
+
 async def test_connection_refused() -> None:
     """A closed port is an APIConnectionError."""
     async with APIClient(
