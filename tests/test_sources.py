@@ -122,6 +122,22 @@ def test_jsonl_malformed_line(tmp_path: Path) -> None:
     assert f"{path}:4" in str(info.value)
 
 
+def test_jsonl_lines_numbered_across_batches(tmp_path: Path) -> None:
+    """Batches of clean lines and batches with blank lines number alike, and a
+    bad line far into the file is named by its physical line."""
+    path = tmp_path / "in.jsonl"
+    lines = [f'{{"a": {i}}}' for i in range(7)]
+    lines[4:4] = ["", "  "]  # a batch of only blank lines at batch_rows=2
+    path.write_text("\n".join(lines) + '\n{"a": 7} {"a": 8}\n')
+    batches = iter_batches([path], batch_rows=2)
+    rows, numbers = _all([next(batches) for _ in range(3)])
+    assert rows == [{"a": i} for i in range(6)]
+    assert numbers == [1, 2, 3, 4, 7, 8]
+    with pytest.raises(InputError, match="malformed JSON") as info:
+        list(batches)
+    assert info.value.line == 10
+
+
 def test_jsonl_gzip(tmp_path: Path) -> None:
     """A .jsonl.gz file is decompressed transparently."""
     path = tmp_path / "in.jsonl.gz"

@@ -12,7 +12,7 @@ import pytest
 
 from batchrun.config import Endpoint
 from batchrun.records import Result, Usage
-from batchrun.sinks import Row, result_row
+from batchrun.sinks import LOG_KEY, Row, result_row
 from batchrun.stats import (
     LatencyHistogram,
     LineProgress,
@@ -131,6 +131,38 @@ def test_histogram_merge() -> None:
 
 
 # --- StatsCollector -----------------------------------------------------------
+
+
+def test_collector_counts_a_batch_as_row_by_row() -> None:
+    """A mixed batch (two groups, retried rows, a row never sent) gives the same
+    counters and latencies as recording its rows one at a time."""
+    rng = random.Random(7)
+    rows = []
+    for i in range(60):
+        row = _result(
+            model="ab"[i % 2],
+            usage=Usage(i, 2 * i, 3 * i) if i % 3 else Usage(),
+            attempts=0 if i == 5 else 1 + (i % 4 == 0),
+            latency_s=rng.uniform(0.001, 30.0),
+            status="error" if i % 7 == 0 else "ok",
+        )
+        if i % 4 == 0 and i != 0:
+            row[LOG_KEY] = [1, i % 2, 0, i + 100, i + 200]  # retried: what was billed
+        rows.append(row)
+    clock = FakeClock()
+    batched, one_by_one = StatsCollector(clock=clock), StatsCollector(clock=clock)
+    batched.record(rows)
+    for row in rows:
+        one_by_one.record([row])
+    assert batched.usage_rows() == one_by_one.usage_rows()
+    total = batched.total
+    assert total.requests == 60
+    assert total.latencies.count == 59  # the row never sent has no latency
+    assert total.retries == 14
+    assert total.rate_limited == 14
+    assert total.prompt_tokens == sum(
+        row[LOG_KEY][3] if LOG_KEY in row else row["prompt_tokens"] or 0 for row in rows
+    )
 
 
 def test_collector_groups_and_totals() -> None:
