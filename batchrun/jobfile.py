@@ -9,11 +9,9 @@ per million tokens. This module reads files; it sends nothing.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import re
-import tomllib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +61,8 @@ def _where(path: Path, text: str, key: str) -> str:
 def _unknown(
     path: Path, text: str, key: str, known: Iterable[str], what: str
 ) -> ConfigError:
+    import difflib  # only for a wrong key: not at every start
+
     guess = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean {guess[0]!r}?" if guess else ""
     return ConfigError(f"{_where(path, text, key)}: unknown {what} {key!r}{hint}")
@@ -79,6 +79,8 @@ def load_job(path: Path, known: Collection[str]) -> Job:
         ConfigError: The file cannot be read or parsed, or a key is unknown or
             has the wrong kind of value (naming the key and its line).
     """
+    import tomllib  # only with a job file: 5 ms of every start otherwise
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
