@@ -6,11 +6,13 @@ Nothing here reads the environment or the file system: ``cli.py`` does that.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -90,12 +92,19 @@ class EndpointConfig:
         api_key: Sent as a bearer token. Never printed, logged or written.
         mock: Serve the requests from an in-process simulator on a free port.
         timeout_s: The limit for one request, from sending to the last byte.
+        probe: Send the first request alone, so that the server's rate-limit
+            headers are known before the first burst. ``None`` probes every
+            server except one on this machine (a loopback address or
+            ``localhost``) and the simulator: vLLM or llama.cpp serving
+            locally has no provider limits to learn, and would only lose a
+            round trip.
     """
 
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     mock: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    probe: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mock == (self.base_url is not None):
@@ -112,6 +121,26 @@ class EndpointConfig:
             )
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout must be positive, got {self.timeout_s}")
+
+    @property
+    def probes(self) -> bool:
+        """Whether the first request goes alone (see ``probe``)."""
+        if self.probe is not None:
+            return self.probe
+        if self.base_url is None:
+            return False  # the simulator
+        return not _is_loopback(urlsplit(self.base_url).hostname)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

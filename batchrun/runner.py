@@ -224,7 +224,9 @@ class _Run:
         self.cell_values = {v.name: dict(v.columns) for v in config.variants}
         self.stats = StatsCollector(clock, pricing=config.pricing)
         self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
-        self.concurrency = ConcurrencyLimit(config.concurrency, clock=clock, probe=True)
+        self.concurrency = ConcurrencyLimit(
+            config.concurrency, clock=clock, probe=config.endpoint.probes
+        )
         self.circuit = _CircuitBreaker()
         self.caller: Caller | None = None
         self.progress: Progress | None = None

@@ -256,13 +256,13 @@ class Page:
             f" {LATENCY_MS} ms, so its best fraction is"
             f" {_best_fraction(res.rows):.1%}. {_median_of(res.latency_rounds)}.",
             "",
-            "batchrun sends its first request alone, so that a provider's"
-            " rate-limit headers are known before any burst; the simulator"
-            " announces no limit, so the whole pool opens with the first answer."
-            f" That one round trip ({LATENCY_MS} ms) is in batchrun's window and"
-            f" not in bare aiohttp's, which sends {LATENCY_CONCURRENCY} requests"
-            " at once: about"
-            f" {LATENCY_MS / 1000 / (res.rows / bound):.1%} of the bound.",
+            "Against a remote server batchrun sends its first request alone, so"
+            " that a provider's rate-limit headers are known before any burst:"
+            f" one round trip ({LATENCY_MS} ms, about"
+            f" {LATENCY_MS / 1000 / (res.rows / bound):.1%} of this bound) per"
+            " run. The simulator here listens on a loopback address, which has"
+            " no provider limits to learn, so batchrun sends its first"
+            f" {LATENCY_CONCURRENCY} requests together, as bare aiohttp does.",
             "",
         ]
         rows = [

@@ -327,3 +327,27 @@ def test_configs_are_frozen() -> None:
     config = _run_config()
     with pytest.raises(AttributeError):
         config.concurrency = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "probes"),
+    [
+        ("https://api.fireworks.ai/inference/v1", True),
+        ("http://10.0.0.7:8000/v1", True),
+        ("http://localhost:8000/v1", False),
+        ("http://LOCALHOST:8000/v1", False),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://127.1.2.3/v1", False),
+        ("http://[::1]:8000/v1", False),
+    ],
+)
+def test_probe_by_default_except_on_this_machine(base_url: str, probes: bool) -> None:
+    """The first request goes alone unless the server is on a loopback address."""
+    assert EndpointConfig(base_url=base_url).probes is probes
+
+
+def test_probe_setting_wins() -> None:
+    """An explicit setting overrides the address rule; the simulator never probes."""
+    assert EndpointConfig(base_url="http://127.0.0.1/v1", probe=True).probes
+    assert not EndpointConfig(base_url="https://api.openai.com/v1", probe=False).probes
+    assert not EndpointConfig(mock=True).probes

@@ -47,12 +47,17 @@ async def _run(
     retry: RetryPolicy | None = None,
     params: dict[str, Any] | None = None,
     timeout_s: float = 30.0,
+    probe: bool | None = True,
 ) -> RunStats:
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    # The simulator stands in for a remote provider here: it probes (which a
+    # server on this machine would not by default).
     config = RunConfig(
         inputs=(inp,),
         output=OutputOptions(out_dir=tmp_path / "out", overwrite=True),
-        endpoint=EndpointConfig(base_url=sim.base_url, timeout_s=timeout_s),
+        endpoint=EndpointConfig(
+            base_url=sim.base_url, timeout_s=timeout_s, probe=probe
+        ),
         request=RequestOptions(model="m", params=params or {}),
         concurrency=concurrency,
         limits=limits or RateLimits(),
@@ -374,6 +379,20 @@ async def test_varied_400s_do_not_trip_the_breaker(
     ]
     stats = await _run(sim, rows, tmp_path, vt)
     assert stats.failed == 120
+
+
+@pytest.mark.parametrize(("probe", "together"), [(True, 7), (None, 8)])
+async def test_first_request_alone_except_on_this_machine(
+    sim_factory: SimFactory, tmp_path: Path, probe: bool | None, together: int
+) -> None:
+    """The probe sends one request before the rest; by default a server on a
+    loopback address gets all of them at once."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock, latency_ms=100)
+    rows = [{"id": str(i), "prompt": f"p{i}"} for i in range(8)]
+    stats = await _run(sim, rows, tmp_path, vt, concurrency=8, probe=probe)
+    assert stats.succeeded == 8
+    assert sim.state.snapshot()["max_in_flight"] == together
 
 
 async def test_permanent_errors_end_the_probe(
