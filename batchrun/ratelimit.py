@@ -31,6 +31,7 @@ from .config import RateLimits
 
 __all__ = [
     "BUDGETS",
+    "INITIAL_CONCURRENCY",
     "ConcurrencyLimit",
     "Cost",
     "Pacer",

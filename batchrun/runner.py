@@ -45,7 +45,7 @@ from .errors import (
 )
 from .journal import JOURNAL_DIR, Journal, read_segment, segments
 from .payload import RequestBuilder, cells
-from .ratelimit import ConcurrencyLimit, RateLimiter, Slot
+from .ratelimit import INITIAL_CONCURRENCY, ConcurrencyLimit, RateLimiter, Slot
 from .records import PromptRecord, Result
 from .resume import (
     CompletedIndex,
@@ -224,8 +224,16 @@ class _Run:
         self.cell_values = {v.name: dict(v.columns) for v in config.variants}
         self.stats = StatsCollector(clock, pricing=config.pricing)
         self.limiter = RateLimiter(config.limits, clock=clock, sleep=sleep)
+        probe = config.endpoint.probes
+        # Without a probe there are no server headers to wait for; with no
+        # limit of the user's either, there is nothing to ramp towards, so the
+        # pool opens at once (as it does after a probe that found no limit).
+        ramp = probe or self.limiter.limited
         self.concurrency = ConcurrencyLimit(
-            config.concurrency, clock=clock, probe=config.endpoint.probes
+            config.concurrency,
+            initial=INITIAL_CONCURRENCY if ramp else config.concurrency,
+            clock=clock,
+            probe=probe,
         )
         self.circuit = _CircuitBreaker()
         self.caller: Caller | None = None
