@@ -144,7 +144,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_TIMEOUT_S,
         metavar="S",
-        help=f"per-request timeout in seconds (default {DEFAULT_TIMEOUT_S:g})",
+        help="seconds a request may take from sending to the last byte"
+        f" (default {DEFAULT_TIMEOUT_S:g})",
     )
     ep.add_argument(
         "--concurrency",
