@@ -277,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sdk_rounds < 1:
         parser.error("--sdk-rounds must be at least 1")
     args.latency_rounds = args.rounds or 2
-    # On this shared machine one client's CPU per request moves by up to 50 %
+    # On this shared machine one client's CPU per request moves by up to 80 %
     # between rounds; the median of nine per-round ratios moves much less
     # than that of five.
     args.rounds = args.rounds or 9
