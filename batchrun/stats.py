@@ -134,13 +134,17 @@ class GroupStats:
         self.attempts += sum(attempts)
         logs = list(map(_LOG, rows))
         # At most one attempt (no log): what was billed is the row's own usage.
-        plain = rows if logs.count(None) == n else [r for r in rows if LOG_KEY not in r]
+        plain = (
+            rows
+            if logs.count(None) == n
+            else [r for r, log in zip(rows, logs, strict=True) if log is None]
+        )
         prompt = sum(filter(None, map(_PROMPT_TOKENS, plain)))
         completion = sum(filter(None, map(_COMPLETION_TOKENS, plain)))
         if len(plain) < n:
-            for row, log in zip(rows, logs, strict=True):
+            for tries, log in zip(attempts, logs, strict=True):
                 if log is not None:
-                    self.retries += max(0, row["attempts"] - 1)
+                    self.retries += max(0, tries - 1)
                     self.rate_limited += log[0]
                     self.server_errors += log[1]
                     self.timeouts += log[2]
@@ -150,7 +154,11 @@ class GroupStats:
         self.completion_tokens += completion
         self.total_tokens += prompt + completion
         # A row that was never attempted (bad input) has no latency.
-        sent = rows if 0 not in attempts else [r for r in rows if r["attempts"]]
+        sent = (
+            rows
+            if 0 not in attempts
+            else [r for r, a in zip(rows, attempts, strict=True) if a]
+        )
         self.latencies.add_many(map(_LATENCY, sent))
 
     def merge(self, other: GroupStats) -> None:
