@@ -185,17 +185,16 @@ class Caller:
         else:
             cost = _NO_TOKENS  # no token budget to reserve from
         log = AttemptLog()
-        started = time.time()
-        t0 = self._clock()
         try:
             try:
                 await slot.hold()
                 reply, usage = await self._attempt(record, cost, log)
             except TransientError as failure:
-                reply, usage = await self._retry(record, cost, log, slot, failure, t0)
+                reply, usage = await self._retry(record, cost, log, slot, failure)
         except (TransientError, PermanentError) as exc:
-            return self._failure(record, exc, log, started, self._clock() - t0)
-        latency = self._clock() - t0
+            return self._failure(record, exc, log)
+        latency = self._clock() - log.first_sent
+        finished = time.time()
         data = reply.data
         choices = _choices(data, record.endpoint == "chat")
         first = choices[0] if choices else None
@@ -214,8 +213,8 @@ class Caller:
             attempts=log.attempts,
             latency_s=latency,
             error=None,
-            started_at=started,
-            finished_at=started + latency,
+            started_at=finished - latency,
+            finished_at=finished,
             extra=record.extra,
             log=log if log.attempts > 1 else None,
             request_hash=record.request_hash,
@@ -229,7 +228,6 @@ class Caller:
         log: AttemptLog,
         slot: Slot,
         failure: TransientError,
-        t0: float,
     ) -> tuple[Reply, Usage]:
         """Retry after a first attempt failed; the slot is let go in backoffs."""
 
@@ -241,23 +239,19 @@ class Caller:
             slot.release()
             await self._back_off(seconds)
 
-        return await self._retrier.retry(attempt, failure, t0, sleep=backoff)
+        return await self._retrier.retry(
+            attempt, failure, log.first_sent, sleep=backoff
+        )
 
-    def _failure(
-        self,
-        record: PromptRecord,
-        exc: APIError,
-        log: AttemptLog,
-        started: float,
-        latency: float,
-    ) -> Result:
+    def _failure(self, record: PromptRecord, exc: APIError, log: AttemptLog) -> Result:
+        latency = self._clock() - log.first_sent
         return failed_result(
             record,
             f"{type(exc).__name__}: {exc}",
             log=log,
             status=exc.status,
             response=exc.body if self._raw else None,
-            started=started,
+            started=time.time() - latency,
             latency=latency,
         )
 
@@ -269,6 +263,10 @@ class Caller:
         limiter = self.limiter
         concurrency = self.concurrency
         reserved = await limiter.acquire(cost)
+        if log.attempts == 1:
+            # A row's time counts from here: waits for a slot or for the rate
+            # budget before its first attempt are the run's queue, not its own.
+            log.first_sent = self._clock()
         try:
             reply = await self.client.post(
                 record.endpoint, record.payload or record.body

@@ -288,8 +288,8 @@ class Slot:
 
     A worker that finishes a request keeps its slot for the next one, so the
     steady state costs no hand-over between tasks. It lets go while it waits
-    for input or sits out a backoff, and when the limit shrinks below the
-    slots in use.
+    for input or sits out a backoff, when the limit shrinks below the slots in
+    use, and before a new row when a row already taken is waiting for a slot.
     """
 
     __slots__ = ("_limit", "held")
@@ -299,13 +299,29 @@ class Slot:
         self.held = False
 
     async def hold(self) -> None:
-        """Have a slot: keep the one held if the limit still allows it."""
+        """Have a slot for the row in hand: keep the one held if the limit
+        still allows it."""
         limit = self._limit
         if self.held:
             if limit.in_flight <= limit.limit:
                 return
             self.release()
         await limit.acquire()
+        self.held = True
+
+    async def hold_for_new_row(self) -> None:
+        """Have a slot before taking a new row.
+
+        Rows already taken (one coming out of its backoff, or one that arrived
+        while every slot was busy) get free slots first, so that none of them
+        waits while other workers go on taking new rows.
+        """
+        limit = self._limit
+        if self.held:
+            if limit.in_flight <= limit.limit and not limit.rows_waiting:
+                return
+            self.release()
+        await limit.acquire(new_row=True)
         self.held = True
 
     def release(self) -> None:
@@ -348,22 +364,36 @@ class ConcurrencyLimit:
         self._successes = 0
         self._hold_until = -math.inf
         self._next_decrease = -math.inf
-        self._waiters: deque[anyio.Event] = deque()
+        # Workers waiting with a row in hand, served first; then workers
+        # waiting to take a new row. Each queue is FIFO.
+        self._rows: deque[anyio.Event] = deque()
+        self._new_rows: deque[anyio.Event] = deque()
 
-    async def acquire(self) -> None:
-        """Wait for a free slot (FIFO)."""
-        if self.in_flight < self.limit and not self._waiters:
+    @property
+    def rows_waiting(self) -> bool:
+        """Whether a row already taken is waiting for a slot."""
+        return bool(self._rows)
+
+    async def acquire(self, *, new_row: bool = False) -> None:
+        """Wait for a free slot.
+
+        Args:
+            new_row: The slot is for a row not yet taken; it waits until every
+                row already taken has a slot.
+        """
+        queue = self._new_rows if new_row else self._rows
+        if self.in_flight < self.limit and not self._rows and not queue:
             self.in_flight += 1
             return
         event = anyio.Event()
-        self._waiters.append(event)
+        queue.append(event)
         try:
             await event.wait()
         except BaseException:
             if event.is_set():
                 self.release()  # granted just as we were cancelled
             else:
-                self._waiters.remove(event)
+                queue.remove(event)
             raise
 
     def release(self) -> None:
@@ -372,9 +402,12 @@ class ConcurrencyLimit:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.limit:
+        while self.in_flight < self.limit:
+            queue = self._rows or self._new_rows
+            if not queue:
+                return
             self.in_flight += 1
-            self._waiters.popleft().set()
+            queue.popleft().set()
 
     def end_probe(self, *, limits_known: bool = True) -> None:
         """The server answered (its headers are known): start the slow start.

@@ -85,7 +85,9 @@ class AttemptLog:
     """What happened across one row's attempts, beyond its final outcome.
 
     ``billed_*`` count the usage of every response the server reported,
-    including ones that were discarded and retried.
+    including ones that were discarded and retried. ``first_sent`` is when the
+    first attempt went out (the caller's monotonic clock): a row's latency and
+    its retry time count from there.
     """
 
     attempts: int = 0
@@ -96,6 +98,7 @@ class AttemptLog:
     malformed: int = 0
     billed_prompt_tokens: int = 0
     billed_completion_tokens: int = 0
+    first_sent: float = 0.0
 
     def bill(self, usage: Usage) -> None:
         """Count a response's reported usage."""

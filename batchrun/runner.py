@@ -467,8 +467,9 @@ class _Run:
         with self.workers_scope:
             async with records, results, anyio.create_task_group() as tg:
                 # Twice as many workers as slots: a row waiting out its backoff
-                # holds a worker but no slot, so fresh rows keep the slots busy
-                # and retries interleave with new work.
+                # holds a worker but no slot, so new rows keep the slots busy
+                # and retries interleave with new work (ahead of it: see
+                # Slot.hold_for_new_row).
                 for _ in range(2 * self.config.concurrency):
                     tg.start_soon(self._work, records.clone(), results.clone())
 
@@ -596,11 +597,16 @@ class _Run:
         try:
             async with records, results:
                 while True:
+                    # A slot first, then a row: a row taken without one could
+                    # wait unsent for as long as other workers keep theirs.
+                    await slot.hold_for_new_row()
                     try:
                         record = records.receive_nowait()
                     except anyio.WouldBlock:
                         # Nothing queued: let the slot go while waiting, so a
-                        # row coming out of its backoff is not held up.
+                        # row coming out of its backoff is not held up. The
+                        # row that comes may then wait for a slot, ahead of
+                        # any new row.
                         slot.release()
                         try:
                             record = await records.receive()

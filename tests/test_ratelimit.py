@@ -19,6 +19,7 @@ from batchrun.ratelimit import (
     Cost,
     Pacer,
     RateLimiter,
+    Slot,
     limits_from_headers,
 )
 
@@ -647,3 +648,35 @@ async def test_concurrency_growth_wakes_blocked_waiters() -> None:
         await anyio.wait_all_tasks_blocked()
         assert admitted == [0, 1]
     assert limit.in_flight == 3
+
+
+async def test_a_row_in_hand_gets_the_next_slot_before_a_new_row() -> None:
+    """Slots go first to rows already taken, then to workers taking new rows."""
+    ft = FakeTime()
+    limit = ConcurrencyLimit(1, initial=1, clock=ft.clock)
+    holder = Slot(limit)
+    await holder.hold()
+    order: list[str] = []
+
+    async def wait(name: str, slot: Slot, new_row: bool) -> None:
+        await (slot.hold_for_new_row() if new_row else slot.hold())
+        order.append(name)
+        slot.release()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait, "new row", Slot(limit), True)
+        await anyio.lowlevel.checkpoint()
+        tg.start_soon(wait, "row in hand", Slot(limit), False)
+        await anyio.lowlevel.checkpoint()
+        assert limit.rows_waiting
+        # The holder keeps its slot for the row it has...
+        await holder.hold()
+        assert holder.held
+        assert order == []
+        # ...but gives it up rather than take a new row while a taken row
+        # waits, and queues behind the worker that was first to want one.
+        await holder.hold_for_new_row()
+        assert holder.held
+        assert order == ["row in hand", "new row"]
+        holder.release()
+    assert limit.in_flight == 0

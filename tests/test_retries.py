@@ -409,3 +409,61 @@ async def test_permanent_errors_end_the_probe(
     stats = await _run(sim, rows, tmp_path, vt, concurrency=16)
     assert stats.failed == 100
     assert sim.state.snapshot()["max_in_flight"] == 16
+
+
+async def test_rows_go_out_in_input_order(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """No row waits for a slot while later rows are sent.
+
+    There are twice as many workers as slots; a worker that took a row before
+    it had a slot used to wait with it until the end of the run.
+    """
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock, record_requests=True)
+    await _run(sim, prompts(40), tmp_path, vt, concurrency=2)
+    order = [int(body["prompt"].split()[-1].rstrip(":")) for body in sim.state.requests]
+    assert sorted(order) == list(range(40))
+    # Two requests in flight may arrive swapped, never further apart.
+    assert max(abs(sent - row) for sent, row in enumerate(order)) <= 2
+
+
+async def test_latency_counts_from_the_first_attempt(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """Waiting for the rate budget before the first attempt is not latency."""
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    start = vt.clock()
+    # One slot: no other row's (virtual) wait can pass while a request is out.
+    await _run(sim, prompts(8), tmp_path, vt, concurrency=1, limits=RateLimits(rpm=60))
+    assert vt.clock() - start >= 6.0  # paced: one request a (virtual) second
+    rows = read_results(tmp_path / "out")
+    assert len(rows) == 8
+    # Each answer took a few real milliseconds; none of the virtual pacing.
+    assert max(r["latency_s"] for r in rows) < 0.9
+
+
+async def test_retry_time_counts_from_the_first_attempt(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """--max-retry-time starts at the first attempt, not at the wait before it.
+
+    At 6 requests a minute the second row waits about 10 s for its first
+    attempt, longer than the 5 s it may spend retrying. Its 503 is retried.
+    """
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock)
+    rows = [*prompts(1), {"id": "late", "prompt": "busy [[sim:fail=503]]"}]
+    await _run(
+        sim,
+        rows,
+        tmp_path,
+        vt,
+        concurrency=1,
+        limits=RateLimits(rpm=6),
+        retry=RetryPolicy(max_retry_time_s=5, backoff_base_s=1, backoff_max_s=1),
+    )
+    late = next(r for r in read_results(tmp_path / "out") if r["id"] == "late")
+    assert late["status"] == "ok"
+    assert late["attempts"] == 2
