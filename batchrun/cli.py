@@ -148,6 +148,14 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
         f" (default {DEFAULT_TIMEOUT_S:g})",
     )
     ep.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send the first request alone and follow the rate limits its answer"
+        " states before sending more (default: unless the server is on this"
+        " machine)",
+    )
+    ep.add_argument(
         "--concurrency",
         type=int,
         default=DEFAULT_CONCURRENCY,
@@ -480,7 +488,11 @@ def _endpoint(args: argparse.Namespace) -> EndpointConfig:
     elif not mock and args.provider is None:
         api_key = os.environ.get("OPENAI_API_KEY") or None
     return EndpointConfig(
-        base_url=base_url, api_key=api_key, mock=mock, timeout_s=args.timeout
+        base_url=base_url,
+        api_key=api_key,
+        mock=mock,
+        timeout_s=args.timeout,
+        probe=args.probe,
     )
 
 
@@ -495,19 +507,25 @@ def _with_job(
         return args, None
     command = commands[args.command]
     flags: dict[str, str] = {}
+    switches: set[str] = set()  # flags without a value: true or false in a job
+    negations: dict[str, str] = {}  # --probe: false is --no-probe
     for action in command._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
         if longs and action.dest not in ("help", "config"):
             flags.setdefault(action.dest, longs[0])
+            if action.nargs == 0:
+                switches.add(action.dest)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                negations[action.dest] = longs[1]
     known = {*flags, "inputs"}
-    job = load_job(args.config, known)
+    job = load_job(args.config, known, switches)
     given = {
         dest
         for dest, flag in flags.items()
         for token in argv
         if token == flag or token.startswith(flag + "=")
     }
-    tokens = to_tokens(job.options, flags, given)
+    tokens = to_tokens(job.options, flags, given, negations)
     position = argv.index(args.command) + 1
     inputs = [] if args.inputs else list(inputs_of(job.options))
     merged = [*argv[:position], *inputs, *tokens, *argv[position:]]

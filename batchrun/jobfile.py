@@ -68,12 +68,14 @@ def _unknown(
     return ConfigError(f"{_where(path, text, key)}: unknown {what} {key!r}{hint}")
 
 
-def load_job(path: Path, known: Collection[str]) -> Job:
+def load_job(path: Path, known: Collection[str], switches: Collection[str] = ()) -> Job:
     """Read and check a job file.
 
     Args:
         path: The TOML file.
         known: Option names (command-line names with underscores) it may set.
+        switches: The options that are flags without a value: ``true`` or
+            ``false`` in the file.
 
     Raises:
         ConfigError: The file cannot be read or parsed, or a key is unknown or
@@ -98,6 +100,11 @@ def load_job(path: Path, known: Collection[str]) -> Job:
             continue
         if key not in known:
             raise _unknown(path, text, raw_key, [*known, *SECTIONS], "key")
+        if key in switches and not isinstance(value, bool):
+            raise ConfigError(
+                f"{_where(path, text, raw_key)}: {raw_key} must be true or false,"
+                f" got {value!r}"
+            )
         options[key] = value
     base = path.parent
     for key in ("inputs", "output", "template_file"):
@@ -271,7 +278,10 @@ def _pricing(data: Any, path: Path, text: str) -> dict[str, Price]:
 
 
 def to_tokens(
-    options: Mapping[str, Any], flags: Mapping[str, str], given: Collection[str]
+    options: Mapping[str, Any],
+    flags: Mapping[str, str],
+    given: Collection[str],
+    negations: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Command-line tokens for the job's options not given on the command line.
 
@@ -279,6 +289,8 @@ def to_tokens(
         options: The job file's options.
         flags: Option name to its flag (``max_tokens`` -> ``--max-tokens``).
         given: Option names the command line sets; those win.
+        negations: Option name to the flag that turns it off (``probe`` ->
+            ``--no-probe``), for options whose default is neither.
     """
     tokens: list[str] = []
     for key, value in options.items():
@@ -288,6 +300,8 @@ def to_tokens(
         if isinstance(value, bool):
             if value:
                 tokens.append(flag)
+            elif negations and key in negations:
+                tokens.append(negations[key])
         elif key == "param" and isinstance(value, dict):
             tokens += [
                 t for k, v in value.items() for t in (flag, f"{k}={json.dumps(v)}")

@@ -80,6 +80,9 @@ def run_scenario(name: str, minutes: float, work: Path) -> str:
             "64",
             "--max-attempts",
             "20",
+            # The simulator stands in for a remote provider, whose first
+            # request batchrun sends alone; on this machine it would not.
+            "--probe",
             *client_flags,
         ]
         subprocess.run(pinned(0, argv), check=False, timeout=minutes * 60 * 3 + 60)

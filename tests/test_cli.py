@@ -12,6 +12,7 @@ from batchrun.cli import main
 from batchrun.simulator import SimulatorHandle
 
 from .helpers import (
+    SimFactory,
     prompts,
     read_results,
     run_against,
@@ -351,3 +352,17 @@ def test_export_command(
     capsys.readouterr()
     assert run_cli("export", tmp_path / "none", "--format", "jsonl", "-o", dest) == 2
     assert "no batchrun run" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(("flags", "together"), [((), 4), (("--probe",), 3)])
+def test_probe_flag_sends_the_first_request_alone(
+    sim_factory: SimFactory, tmp_path: Path, flags: tuple[str, ...], together: int
+) -> None:
+    """A server on this machine gets its first requests together unless --probe.
+
+    With --probe the first request is answered before the other three go out.
+    """
+    sim = sim_factory(latency_ms=150)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(4))
+    assert run_against(sim, inp, tmp_path / "out", "--concurrency", "4", *flags) == 0
+    assert sim.state.snapshot()["max_in_flight"] == together

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from batchrun.jobfile import to_tokens
 from batchrun.simulator import SimulatorHandle
 
 from .helpers import SimFactory, read_results, run_cli, write_jsonl
@@ -195,6 +196,35 @@ def test_job_file_options_and_command_line_override(
     assert body["user"] == "u1"
 
 
+def test_job_file_switch_and_command_line_override(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """``probe = true`` is --probe; --no-probe on the command line wins.
+
+    With --probe the first of four requests is answered before the other three
+    go out; without it, a server on this machine gets all four at once.
+    """
+    sim = sim_factory(latency_ms=150)
+    rows = [{"id": f"r{i}", "prompt": f"Prompt {i}:"} for i in range(4)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    job = _job(tmp_path, "model = 'm'\nconcurrency = 4\nprobe = true\n")
+    assert _sweep(sim, job, inp, tmp_path / "out") == 0
+    assert sim.state.snapshot()["max_in_flight"] == 3
+    sim.state.reset()
+    assert _sweep(sim, job, inp, tmp_path / "out2", "--no-probe") == 0
+    assert sim.state.snapshot()["max_in_flight"] == 4
+
+
+def test_false_in_a_job_file_is_the_negative_flag() -> None:
+    """``probe = false`` becomes --no-probe, not "not given" (whose default
+    probes a remote server); ``overwrite = false`` is simply left out."""
+    flags = {"probe": "--probe", "overwrite": "--overwrite"}
+    tokens = to_tokens(
+        {"probe": False, "overwrite": False}, flags, (), {"probe": "--no-probe"}
+    )
+    assert tokens == ["--no-probe"]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -215,6 +245,10 @@ def test_job_file_options_and_command_line_override(
             "job.toml:2: sweep.temperature must be a non-empty list",
         ),
         ("model = [", "job.toml: "),
+        (
+            "model = 'm'\noverwrite = 'yes'\n",
+            "job.toml:2: overwrite must be true or false, got 'yes'",
+        ),
     ],
 )
 def test_bad_job_files(
