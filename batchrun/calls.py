@@ -166,8 +166,9 @@ class Caller:
 
         Args:
             record: What to send.
-            slot: The worker's concurrency slot; held for each attempt and let
-                go during backoffs, so other rows use it meanwhile.
+            slot: The worker's concurrency slot, held on entry; let go during
+                backoffs, so other rows use it meanwhile, and held again for
+                each retry.
 
         Raises:
             FatalAPIError: The key, model or URL is wrong; the run must stop.
@@ -187,7 +188,6 @@ class Caller:
         log = AttemptLog()
         try:
             try:
-                await slot.hold()
                 reply, usage = await self._attempt(record, cost, log)
             except TransientError as failure:
                 reply, usage = await self._retry(record, cost, log, slot, failure)

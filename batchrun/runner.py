@@ -605,13 +605,14 @@ class _Run:
                     except anyio.WouldBlock:
                         # Nothing queued: let the slot go while waiting, so a
                         # row coming out of its backoff is not held up. The
-                        # row that comes may then wait for a slot, ahead of
-                        # any new row.
+                        # row that comes then waits for a slot, ahead of any
+                        # new row.
                         slot.release()
                         try:
                             record = await records.receive()
                         except anyio.EndOfStream:
                             return
+                        await slot.hold()
                     except anyio.EndOfStream:
                         return
                     if self.stopped_by is not None:
