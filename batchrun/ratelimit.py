@@ -55,6 +55,15 @@ _DECREASE_GAP_S = 1.0
 # after the probe.
 INITIAL_CONCURRENCY = 32
 _OVERLOAD_HOLD_S = 5.0
+# A 5xx counts as overload only when 5xx are this share of recent answers.
+# Every decrease on scattered errors alone ratchets the limit down, since
+# growth is held after each: with 5 % random 503s at 50 ms latency, a run at
+# concurrency 64 fell to 1 and to 16 requests a second within a minute.
+_OVERLOAD_SHARE = 0.2
+# Recent answers: the counts are halved each time this many have been seen,
+# and no fewer than _OVERLOAD_MIN_ERRORS 5xx among them make an overload.
+_OUTCOME_WINDOW = 200
+_OVERLOAD_MIN_ERRORS = 3
 _FOLLOW_EVERY_S = 0.25
 
 
@@ -364,6 +373,8 @@ class ConcurrencyLimit:
         self._successes = 0
         self._hold_until = -math.inf
         self._next_decrease = -math.inf
+        self._answers = 0  # recent answers (decayed, see _OUTCOME_WINDOW)
+        self._errors = 0  # 5xx among them
         # Workers waiting with a row in hand, served first; then workers
         # waiting to take a new row. Each queue is FIFO.
         self._rows: deque[anyio.Event] = deque()
@@ -428,6 +439,7 @@ class ConcurrencyLimit:
 
         The probe's success ends the probe (see ``end_probe``).
         """
+        self._count(error=False)
         if self._probing:
             self.end_probe(limits_known=limits_known)
             return
@@ -454,8 +466,20 @@ class ConcurrencyLimit:
         self._threshold = self.limit
         self._successes = 0
 
+    def _count(self, *, error: bool) -> None:
+        self._answers += 1
+        self._errors += error
+        if self._answers >= _OUTCOME_WINDOW:
+            self._answers //= 2
+            self._errors //= 2
+
     def on_overload(self) -> None:
-        """Back off gently on 5xx and hold growth for a few seconds."""
+        """A 5xx: if 5xx are a fifth of recent answers or more, back off gently
+        and hold growth for a few seconds; scattered ones change nothing."""
+        self._count(error=True)
+        errors = self._errors
+        if errors < _OVERLOAD_MIN_ERRORS or errors < self._answers * _OVERLOAD_SHARE:
+            return
         now = self._clock()
         self._hold_until = now + _OVERLOAD_HOLD_S
         if now < self._next_decrease:

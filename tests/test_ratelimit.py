@@ -495,10 +495,20 @@ def test_concurrency_rate_limited_never_below_one() -> None:
     assert limit.limit == 1
 
 
+def overloading(maximum: int, initial: int, ft: FakeTime) -> ConcurrencyLimit:
+    """A limit that has seen two 5xx and nothing else: the next is an overload
+    (at least three 5xx, a fifth or more of recent answers)."""
+    limit = ConcurrencyLimit(maximum, initial=initial, clock=ft.clock)
+    limit.on_overload()
+    limit.on_overload()
+    assert limit.limit == initial  # not yet
+    return limit
+
+
 def test_concurrency_overload_cuts_by_a_fifth() -> None:
     """A 5xx overload cuts the limit by 20 %."""
     ft = FakeTime()
-    limit = ConcurrencyLimit(64, initial=20, clock=ft.clock)
+    limit = overloading(64, 20, ft)
     limit.on_overload()
     assert limit.limit == 16
     ft.now = 1.0
@@ -510,7 +520,7 @@ def test_concurrency_overload_cuts_by_a_fifth() -> None:
 def test_concurrency_overload_cuts_small_limits(start: int) -> None:
     """At a small limit an overload still gives up at least one slot."""
     ft = FakeTime()
-    limit = ConcurrencyLimit(64, initial=start, clock=ft.clock)
+    limit = overloading(64, start, ft)
     limit.on_overload()
     assert limit.limit < start, (
         f"on_overload() left the limit at {limit.limit} (from {start}); "
@@ -521,7 +531,7 @@ def test_concurrency_overload_cuts_small_limits(start: int) -> None:
 def test_concurrency_overload_holds_growth_for_five_seconds() -> None:
     """After an overload, successes do not grow the limit for 5 s."""
     ft = FakeTime()
-    limit = ConcurrencyLimit(64, initial=10, clock=ft.clock)
+    limit = overloading(64, 10, ft)
     limit.on_overload()
     after_cut = limit.limit
     ft.now = 4.9
@@ -537,7 +547,7 @@ def test_concurrency_overload_holds_growth_for_five_seconds() -> None:
 def test_concurrency_overload_within_a_second_only_extends_the_hold() -> None:
     """A second overload inside the gap holds growth but does not cut again."""
     ft = FakeTime()
-    limit = ConcurrencyLimit(64, initial=20, clock=ft.clock)
+    limit = overloading(64, 20, ft)
     limit.on_overload()
     ft.now = 0.5
     limit.on_overload()
@@ -549,6 +559,37 @@ def test_concurrency_overload_within_a_second_only_extends_the_hold() -> None:
     for _ in range(16):
         limit.on_success()
     assert limit.limit == 17
+
+
+def test_scattered_5xx_leave_the_limit_alone() -> None:
+    """One 5xx in twenty answers, for a long time, never cuts the limit.
+
+    Cutting on each (at most once a second, with growth held after every
+    cut) took a run at concurrency 64 down to 1 within a minute.
+    """
+    ft = FakeTime()
+    limit = ConcurrencyLimit(64, initial=64, clock=ft.clock)
+    for second in range(120):
+        ft.now = float(second)
+        for _ in range(19):
+            limit.on_success()
+        limit.on_overload()
+    assert limit.limit == 64
+
+
+def test_a_fifth_of_answers_5xx_is_an_overload() -> None:
+    """When 5xx become a quarter of the answers, the limit comes down."""
+    ft = FakeTime()
+    limit = ConcurrencyLimit(64, initial=64, clock=ft.clock)
+    for _ in range(100):
+        limit.on_success()
+    for second in range(30):
+        ft.now = float(second)
+        for _ in range(5):
+            for _ in range(3):
+                limit.on_success()
+            limit.on_overload()
+    assert limit.limit < 32
 
 
 async def test_concurrency_acquire_blocks_when_full_and_release_wakes_fifo() -> None:
