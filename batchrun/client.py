@@ -24,6 +24,7 @@ from .errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
+    ConfigError,
     FatalAPIError,
     MalformedResponseError,
     PermanentError,
@@ -173,6 +174,43 @@ class _Connector(aiohttp.TCPConnector):
         connection = await super().connect(req, traces, timeout)
         self._deadlines.sending(connection)
         return connection
+
+
+# Files open besides the pool's sockets: the journal, a part being written,
+# the input, the event loop's own, and some room.
+_SPARE_FILES = 64
+
+
+def make_room_for(connections: int) -> None:
+    """Let the process hold ``connections`` sockets open besides its files.
+
+    The soft limit on open files (``ulimit -n``) is 1,024 on many Linux
+    systems and 256 on macOS. A pool beyond it fails its extra connections
+    with "Too many open files", and then the writing of results too; so the
+    soft limit is raised as far as the hard limit allows.
+
+    Raises:
+        ConfigError: Even the hard limit is too low.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit
+        return
+    needed = connections + _SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft  # macOS refuses more than OPEN_MAX whatever the hard limit
+    if target < needed:
+        raise ConfigError(
+            f"{connections} connections need about {needed} open files, and this"
+            f" process may open {target} (ulimit -n); lower --concurrency or"
+            " raise the limit"
+        )
 
 
 class APIClient:

@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._libc import release_free_memory
 from ._version import __version__
 from .calls import Caller, RowAbandoned, failed_result
-from .client import APIClient
+from .client import APIClient, make_room_for
 from .config import RunConfig, Variant
 from .errors import (
     BatchrunError,
@@ -260,6 +260,8 @@ class _Run:
 
     async def execute(self, handle_signals: bool) -> RunStats:
         cfg = self.config
+        # The simulator in this process holds the other end of each connection.
+        make_room_for(cfg.concurrency * (2 if cfg.endpoint.mock else 1))
         self.files = expand_inputs(cfg.inputs)
         self.scan = scan = await anyio.to_thread.run_sync(
             scan_inputs, self.files, self.builder, [b for _, b in self.cells]

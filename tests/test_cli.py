@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -366,3 +368,47 @@ def test_probe_flag_sends_the_first_request_alone(
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(4))
     assert run_against(sim, inp, tmp_path / "out", "--concurrency", "4", *flags) == 0
     assert sim.state.snapshot()["max_in_flight"] == together
+
+
+def _run_limited(
+    sim: SimulatorHandle, tmp_path: Path, open_files: tuple[int, int]
+) -> subprocess.CompletedProcess[str]:
+    """``batchrun run`` of 300 rows at concurrency 300 in a process that may
+    open ``open_files`` (soft, hard) files."""
+    resource = pytest.importorskip("resource")
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(300))
+    return subprocess.run(
+        [sys.executable, "-m", "batchrun", "run", str(inp), "-o",
+         str(tmp_path / "out"), "--base-url", sim.base_url, "--model", "m",
+         "--concurrency", "300", "--quiet"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_the_open_file_limit_is_raised_for_the_pool(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """A pool larger than the soft limit on open files gets its sockets.
+
+    At a soft limit of 100, connections beyond it failed ("Too many open
+    files") and were retried, so fewer than 100 requests were ever in flight.
+    """
+    sim = sim_factory(latency_ms=300)
+    run = _run_limited(sim, tmp_path, (100, 1024))
+    assert run.returncode == 0, run.stderr
+    assert sim.state.snapshot()["max_in_flight"] > 200
+
+
+def test_too_low_a_hard_limit_on_open_files_is_a_usage_error(
+    sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    """When even the hard limit cannot hold the pool: one line, exit 2, and
+    nothing sent or written."""
+    run = _run_limited(sim, tmp_path, (100, 100))
+    assert run.returncode == 2
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("batchrun: error: 300 connections need about 364 open")
+    assert "lower --concurrency" in line
+    assert sim.state.snapshot()["requests"] == 0
+    assert not (tmp_path / "out").exists()
