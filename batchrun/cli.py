@@ -413,9 +413,9 @@ def _build_parser() -> tuple[
     )
     mock.add_argument(
         "--header-style",
-        choices=("openai", "fireworks"),
+        choices=("openai", "fireworks", "none"),
         default="openai",
-        help="rate-limit header names",
+        help="rate-limit header names ('none': only 429 and Retry-After)",
     )
     mock.add_argument(
         "--fail-rate",

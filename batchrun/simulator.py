@@ -110,6 +110,8 @@ class SimulatorConfig:
     refill at ``limit / 60`` per second. ``api_key`` makes every ``/v1`` request
     without ``Authorization: Bearer <api_key>`` a 401; ``models`` makes any other
     model a 404. ``record_requests`` keeps each body in ``SimulatorState.requests``.
+    ``header_style`` names the rate-limit headers; ``"none"`` sends none, like
+    a server that states no limits and only answers 429 when one is passed.
 
     Raises:
         ConfigError: An option is out of range or of the wrong type.
@@ -123,7 +125,7 @@ class SimulatorConfig:
     tpm: int | None = None
     completion_tpm: int | None = None
     burst_s: float = 1.0
-    header_style: Literal["openai", "fireworks"] = "openai"
+    header_style: Literal["openai", "fireworks", "none"] = "openai"
     fail_rate: float = 0.0
     drop_rate: float = 0.0
     malformed_rate: float = 0.0
@@ -144,7 +146,7 @@ class SimulatorConfig:
             value = getattr(self, name)
             if value is not None and (type(value) is not int or value <= 0):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.header_style not in ("openai", "fireworks"):
+        if self.header_style not in ("openai", "fireworks", "none"):
             raise ConfigError(f"unknown header_style {self.header_style!r}")
         if type(self.seed) is not int:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
@@ -844,6 +846,8 @@ class Simulator:
         if not wait_s:
             for name, bucket in self.buckets.items():
                 bucket.level -= costs[name]
+        if self.config.header_style == "none":
+            return wait_s or None  # a server that states no limits, only 429s
         requests = self.buckets.get("rpm")
         if requests is not None:
             headers["x-ratelimit-limit-requests"] = str(requests.limit)

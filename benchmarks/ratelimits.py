@@ -33,6 +33,8 @@ MAX_TOKENS = 16
 SCENARIOS: dict[str, tuple[list[str], list[str], str, int]] = {
     "rpm-adaptive": (["--rpm", "600"], [], "requests", 600),
     "rpm-given": (["--rpm", "600"], ["--rpm", "600"], "requests", 600),
+    # A server that states no limit: only its 429s and Retry-After tell.
+    "rpm-unstated": (["--rpm", "600", "--header-style", "none"], [], "requests", 600),
     "completion-tpm-given": (
         ["--completion-tpm", "6000"],
         ["--completion-tpm", "6000"],

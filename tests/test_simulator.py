@@ -731,6 +731,20 @@ async def test_fireworks_headers() -> None:
     assert limited.headers["x-ratelimit-over-limit"] == "yes"
 
 
+async def test_header_style_none_states_no_limits() -> None:
+    """header_style='none' keeps the limit but announces nothing: only a 429
+    and its Retry-After tell the client."""
+    config = SimulatorConfig(rpm=60, header_style="none")
+    async with serve(config, FakeClock()) as client:
+        ok = await client.complete("hi", max_tokens=5)
+        limited = await client.complete("hi", max_tokens=5)
+    assert ok.status == 200
+    assert limited.status == 429
+    assert limited.headers["retry-after"] == "1"
+    for reply in (ok, limited):
+        assert not [name for name in reply.headers if name.startswith("x-ratelimit")]
+
+
 async def test_no_rate_limit_headers_without_limits() -> None:
     """Without configured limits no rate-limit headers are sent."""
     async with serve() as client:
