@@ -276,6 +276,7 @@ class Caller:
             limiter.settle(reserved, 0, 0)
             if exc.headers is not None:
                 limiter.follow(exc.headers, now=True)
+            limiter.throttled()
             wait = exc.retry_after
             limiter.pause(
                 min(
@@ -307,7 +308,7 @@ class Caller:
         usage = Usage.from_response(reply.data)
         log.bill(usage)
         limiter.settle(reserved, usage.prompt_tokens, usage.completion_tokens)
-        limiter.follow(reply.headers)
+        limiter.answered(reply.headers)
         self.estimator.observe(record, usage.prompt_tokens, usage.completion_tokens)
         concurrency.on_success(limits_known=limiter.limited)
         return reply, usage

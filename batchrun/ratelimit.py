@@ -65,6 +65,15 @@ _OVERLOAD_SHARE = 0.2
 _OUTCOME_WINDOW = 200
 _OVERLOAD_MIN_ERRORS = 3
 _FOLLOW_EVERY_S = 0.25
+# A server that states no request budget gets one learned from its 429s: the
+# rate of answers over the last _RATE_WINDOW_S (at least a second of it), less
+# a tenth; cut by a fifth at each later 429 (at most once a second); raised by
+# a twentieth every _RAISE_EVERY_S without one, so that it finds a higher limit.
+_RATE_WINDOW_S = 10.0
+_LEARNED_START = 0.9
+_LEARNED_CUT = 0.8
+_LEARNED_RAISE = 1.05
+_RAISE_EVERY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +194,15 @@ class RateLimiter:
         self.paused_until = -math.inf
         self.rate_limited = 0
         self._next_follow = -math.inf
+        self._answered = 0
+        # (clock, answers so far), one every _FOLLOW_EVERY_S: the answer rate.
+        self._history: deque[tuple[float, int]] = deque(
+            maxlen=int(_RATE_WINDOW_S / _FOLLOW_EVERY_S) + 8
+        )
+        self._next_sample = -math.inf
+        self._learned = False  # the request budget comes from 429s
+        self._next_cut = -math.inf
+        self._next_raise = math.inf
 
     @property
     def limited(self) -> bool:
@@ -269,6 +287,11 @@ class RateLimiter:
         self.rate_limited += 1
         self.paused_until = max(self.paused_until, self._clock() + seconds)
 
+    def answered(self, headers: Mapping[str, str]) -> None:
+        """A successful answer: count it and follow the limits it states."""
+        self._answered += 1
+        self.follow(headers)
+
     def follow(self, headers: Mapping[str, str], *, now: bool = False) -> None:
         """Adopt the limits the server announces, never above the user's own.
 
@@ -281,15 +304,60 @@ class RateLimiter:
         if not now and clock < self._next_follow:
             return
         self._next_follow = clock + _FOLLOW_EVERY_S
+        if clock >= self._next_sample:  # not at every 429 of a burst
+            self._history.append((clock, self._answered))
+            self._next_sample = clock + _FOLLOW_EVERY_S
         for name, value in limits_from_headers(headers).items():
             ceiling = self._ceilings.get(name)
             if ceiling is not None:
                 value = min(value, ceiling)
+            if name == "rpm":
+                self._learned = False  # stated now
             pacer = self._pacers.get(name)
             if pacer is None:
                 self._pacers[name] = Pacer(value, burst_s=self._burst_s)
             elif pacer.per_minute != value:
                 pacer.set_limit(value)
+        if self._learned and clock >= self._next_raise:
+            pacer = self._pacers["rpm"]
+            pacer.set_limit(pacer.per_minute * _LEARNED_RAISE)
+            self._next_raise = clock + _RAISE_EVERY_S
+
+    def throttled(self) -> None:
+        """A 429 arrived (after ``follow`` read its headers).
+
+        Unless a request budget is stated (by the user or the server), one is
+        learned: see ``_RATE_WINDOW_S``. Concurrency alone cannot keep a fast
+        server's requests under its rate: at zero latency against 600 a
+        minute stated nowhere, 80 % of requests were 429s without this.
+        """
+        pacer = self._pacers.get("rpm")
+        if pacer is not None and not self._learned:
+            return
+        now = self._clock()
+        self._next_raise = now + _RAISE_EVERY_S
+        if now < self._next_cut:
+            return
+        if pacer is not None:
+            self._next_cut = now + _DECREASE_GAP_S
+            pacer.set_limit(max(1.0, pacer.per_minute * _LEARNED_CUT))
+            return
+        rate = self._answer_rate(now)
+        if rate is not None:
+            self._next_cut = now + _DECREASE_GAP_S
+            start = max(1.0, rate * _LEARNED_START)
+            self._pacers["rpm"] = Pacer(start, burst_s=self._burst_s)
+            self._learned = True
+
+    def _answer_rate(self, now: float) -> float | None:
+        """Answers a minute over the last ``_RATE_WINDOW_S``; ``None`` before a
+        second of it has passed."""
+        for then, answered in self._history:
+            if now - then <= _RATE_WINDOW_S:
+                if now - then < 1.0:
+                    return None
+                return (self._answered - answered) / (now - then) * 60.0
+        return None
 
 
 class Slot:

@@ -721,3 +721,55 @@ async def test_a_row_in_hand_gets_the_next_slot_before_a_new_row() -> None:
         assert order == ["row in hand", "new row"]
         holder.release()
     assert limit.in_flight == 0
+
+
+def _answers(limiter: RateLimiter, ft: FakeTime, seconds: float, per_s: int) -> None:
+    """``per_s`` successful answers a second, without headers, for ``seconds``."""
+    for _ in range(round(seconds * per_s)):
+        ft.now += 1 / per_s
+        limiter.answered({})
+
+
+def test_a_429_without_a_stated_budget_learns_one() -> None:
+    """The answer rate less a tenth; cut by a fifth a second; raised by a
+    twentieth after 5 s without a 429."""
+    ft = FakeTime()
+    limiter = make_limiter(RateLimits(), ft)
+    _answers(limiter, ft, 2.0, 10)
+    limiter.throttled()
+    assert limiter.limits()["rpm"] == pytest.approx(540, rel=0.02)
+    limiter.throttled()  # the same second: one cut at most
+    assert limiter.limits()["rpm"] == pytest.approx(540, rel=0.02)
+    _answers(limiter, ft, 1.0, 10)
+    limiter.throttled()
+    assert limiter.limits()["rpm"] == pytest.approx(432, rel=0.02)
+    _answers(limiter, ft, 4.9, 10)
+    assert limiter.limits()["rpm"] == pytest.approx(432, rel=0.02)
+    _answers(limiter, ft, 0.5, 10)
+    assert limiter.limits()["rpm"] == pytest.approx(432 * 1.05, rel=0.02)
+
+
+def test_a_429_before_a_second_of_answers_learns_nothing() -> None:
+    """Too short a history gives no rate; the pause and concurrency act alone."""
+    ft = FakeTime()
+    limiter = make_limiter(RateLimits(), ft)
+    _answers(limiter, ft, 0.5, 10)
+    limiter.throttled()
+    assert "rpm" not in limiter.limits()
+
+
+def test_a_stated_budget_is_never_replaced_by_a_learned_one() -> None:
+    """The user's --rpm, or the server's header once it states one, rules."""
+    ft = FakeTime()
+    given = make_limiter(RateLimits(rpm=100), ft)
+    _answers(given, ft, 2.0, 10)
+    given.throttled()
+    assert given.limits()["rpm"] == 100
+    learned = make_limiter(RateLimits(), ft)
+    _answers(learned, ft, 2.0, 10)
+    learned.throttled()
+    learned.follow({"x-ratelimit-limit-requests": "300"}, now=True)
+    assert learned.limits()["rpm"] == 300
+    ft.now += 2
+    learned.throttled()
+    assert learned.limits()["rpm"] == 300

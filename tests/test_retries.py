@@ -467,3 +467,23 @@ async def test_retry_time_counts_from_the_first_attempt(
     late = next(r for r in read_results(tmp_path / "out") if r["id"] == "late")
     assert late["status"] == "ok"
     assert late["attempts"] == 2
+
+
+async def test_a_budget_is_learned_from_429s_when_the_server_states_none(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """600 requests a minute, stated nowhere: after the first seconds, paced.
+
+    Only the concurrency adapted before, and a server that answers at once
+    refused four requests in five all run long.
+    """
+    vt = VirtualTime()
+    sim = sim_factory(clock=vt.clock, rpm=600, header_style="none")
+    start = vt.clock()
+    stats = await _run(sim, prompts(600), tmp_path, vt, concurrency=32)
+    elapsed = vt.clock() - start
+    assert stats.succeeded == 600
+    seen = sim.state.snapshot()
+    # Before: 722 429s and 3 rows out of attempts; now about 30.
+    assert seen["rate_limited"] <= 0.1 * seen["requests"]
+    assert 50.0 <= elapsed <= 75.0
