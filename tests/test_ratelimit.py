@@ -561,6 +561,18 @@ def test_concurrency_overload_within_a_second_only_extends_the_hold() -> None:
     assert limit.limit == 17
 
 
+def _answers_with_5xx(
+    limit: ConcurrencyLimit, ft: FakeTime, seconds: int, per_s: int, ok_per_5xx: int
+) -> None:
+    """``per_s`` times a second for ``seconds``: ``ok_per_5xx`` successes, a 5xx."""
+    for second in range(seconds):
+        ft.now = float(second)
+        for _ in range(per_s):
+            for _ in range(ok_per_5xx):
+                limit.on_success()
+            limit.on_overload()
+
+
 def test_scattered_5xx_leave_the_limit_alone() -> None:
     """One 5xx in twenty answers, for a long time, never cuts the limit.
 
@@ -569,11 +581,7 @@ def test_scattered_5xx_leave_the_limit_alone() -> None:
     """
     ft = FakeTime()
     limit = ConcurrencyLimit(64, initial=64, clock=ft.clock)
-    for second in range(120):
-        ft.now = float(second)
-        for _ in range(19):
-            limit.on_success()
-        limit.on_overload()
+    _answers_with_5xx(limit, ft, seconds=120, per_s=1, ok_per_5xx=19)
     assert limit.limit == 64
 
 
@@ -583,12 +591,7 @@ def test_a_fifth_of_answers_5xx_is_an_overload() -> None:
     limit = ConcurrencyLimit(64, initial=64, clock=ft.clock)
     for _ in range(100):
         limit.on_success()
-    for second in range(30):
-        ft.now = float(second)
-        for _ in range(5):
-            for _ in range(3):
-                limit.on_success()
-            limit.on_overload()
+    _answers_with_5xx(limit, ft, seconds=30, per_s=5, ok_per_5xx=3)
     assert limit.limit < 32
 
 
