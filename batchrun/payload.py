@@ -142,6 +142,9 @@ class RequestBuilder:
         # a dict lookup instead of building a request (about 7 of its 21 thousand
         # instructions a row, measured with callgrind).
         self._plain = options.template is None and bool(options.model)
+        self._prompt_column = options.prompt_column
+        # Whether a row's messages column can turn its request into a chat one.
+        self._messages_matter = options.endpoint == "chat"
         if options.template is not None:
             # Imported only for templated runs: 30 ms of start-up otherwise.
             import jinja2
@@ -210,12 +213,16 @@ class RequestBuilder:
 
     def check(self, row: Mapping[str, Any]) -> None:
         """Validate a row cheaply, without rendering its template."""
-        if self._plain and isinstance(row.get(self.options.prompt_column), str):
-            plain = self.options.endpoint != "chat" or (
-                row.get(self.options.messages_column) is None
+        if (
+            self._plain
+            and isinstance(row.get(self._prompt_column), str)
+            and not (
+                self._messages_matter
+                and row.get(self.options.messages_column) is not None
             )
-            if plain and not is_batch_row(row):
-                return  # build() would succeed
+            and ("body" not in row or "custom_id" not in row)  # not is_batch_row
+        ):
+            return  # build() would succeed
         if self._template is not None and not is_batch_row(row):
             for name in self.template_fields:
                 if name not in row:
