@@ -76,7 +76,12 @@ _LEARNED_RAISE = 1.05
 _RAISE_EVERY_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+# Reservation and Cost are made for every request that a budget applies to;
+# like the records, they are not frozen (a frozen dataclass sets each field
+# through object.__setattr__) and are treated as immutable by convention.
+
+
+@dataclass(slots=True)
 class Reservation:
     """What ``acquire`` charged: the cost, and the budgets it was charged to."""
 
@@ -84,7 +89,7 @@ class Reservation:
     charged: tuple[tuple[str, Pacer], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cost:
     """What one request will use of each budget (token counts are estimates)."""
 
