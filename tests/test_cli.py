@@ -393,8 +393,10 @@ def test_the_open_file_limit_is_raised_for_the_pool(
 
     At a soft limit of 100, connections beyond it failed ("Too many open
     files") and were retried, so fewer than 100 requests were ever in flight.
+    Answers take a second, so that opening 300 connections on a busy machine
+    still ends before the first answers free theirs.
     """
-    sim = sim_factory(latency_ms=300)
+    sim = sim_factory(latency_ms=1000)
     run = _run_limited(sim, tmp_path, (100, 1024))
     assert run.returncode == 0, run.stderr
     assert sim.state.snapshot()["max_in_flight"] > 200
