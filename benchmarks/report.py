@@ -305,9 +305,11 @@ class Page:
             " higher and varied by up to 45 MB between runs of the same input."
             " It also keeps glibc's malloc to two arenas (one per thread by"
             " default, up to eight per core): the 100,000-row peak was 139-143 MB"
-            " without that and 121-123 MB with it. After every part file it hands"
-            " malloc's free pages back to the system (`malloc_trim`), which brought"
-            " the 1,000,000-row peak from 138-146 MB to 127-130 MB.",
+            " without that and 121-123 MB with it. After a part file, when at"
+            " least 8 MB of malloc's heap is free (12-24 MB is, after every part"
+            " of these inputs), it hands those pages back to the system"
+            " (`malloc_trim`), which brought the 1,000,000-row peak from 138-146 MB"
+            " to 127-130 MB.",
             "",
         ]
         rows = [
