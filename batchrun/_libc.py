@@ -39,7 +39,7 @@ def limit_arenas(count: int) -> None:
 
 
 # Trim only once this much is free. Each page given back is faulted in again
-# when the heap grows into it, at about 2.5 us a page here: a 20,000-row run
+# when the heap grows into it, at about 2.7 us a page here: a 20,000-row run
 # of short prompts, trimming after each of its 20 parts, took 17,700 extra
 # page faults to give back 4-5 MB each time. Runs of long prompts have
 # 12-24 MB free at each part and still trim every time.

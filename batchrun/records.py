@@ -34,7 +34,7 @@ class Usage:
         """Read the ``usage`` object of a response body, tolerating its absence."""
         usage = data.get("usage")
         if not isinstance(usage, dict):
-            return Usage()
+            return cls()
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
         total = usage.get("total_tokens")
