@@ -41,6 +41,10 @@ LATENCY_MS = 500
 LATENCY_CONCURRENCY = 256
 MEMORY_CONCURRENCY = 64
 STARTUP_CONCURRENCY = 64
+# Scenario 5 counts the instructions of runs on two inputs: what a request
+# costs is the difference between them over the rows between them, so that
+# start-up and shutdown cancel out.
+INSTRUCTION_ROWS = (2_000, 6_000)
 
 # wrk sends a distinct prompt per request: the simulator caches its last 4,096
 # answers, and the clients never repeat a prompt, so neither may the load
@@ -269,6 +273,44 @@ def server_capacity(
     return statistics.median(wrk(seconds) for _ in range(repeats))
 
 
+def count_instructions(
+    server: Server, client: str, argv: list[str], rows: int, work: Path
+) -> int | None:
+    """Instructions one client run executes, counted by valgrind's callgrind;
+    ``None`` without valgrind.
+
+    The client runs pinned to core 0 with ``PYTHONHASHSEED=0``, as in the
+    other scenarios except for valgrind itself, which runs the client about
+    fifty times slower and counts every instruction of every thread.
+
+    Raises:
+        SystemExit: The client failed, or the server did not count exactly one
+            request per row.
+    """
+    if shutil.which("valgrind") is None:
+        return None
+    server.reset()
+    profile = work / "callgrind.out"
+    done = subprocess.run(
+        pinned(0, ["valgrind", "--tool=callgrind",
+                   f"--callgrind-out-file={profile}", *argv]),
+        capture_output=True, text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )  # fmt: skip
+    profile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{client} under valgrind failed: {done.stderr[-800:]}")
+    requests = server.stats()["requests"]
+    if requests != rows:
+        raise SystemExit(
+            f"{client}: the server counted {requests} requests for {rows} rows"
+        )
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise SystemExit(f"no instruction count from valgrind:\n{done.stderr[-800:]}")
+    return int(found.group(1))
+
+
 def write_jsonl(path: Path, rows: int) -> Path:
     """Short completion prompts, ``{"id": ..., "prompt": ...}`` per line."""
     with path.open("w") as handle:
@@ -286,8 +328,8 @@ def write_parquet(path: Path, rows: int, batch_rows: int = 50_000) -> Path:
     distinct while only one batch is ever held in memory.
     """
     rng = random.Random(0)
-    words = "the of and a to in is you that it he was for on are with his they"
-    words = words.split()
+    text = "the of and a to in is you that it he was for on are with his they"
+    words = text.split()
     texts = [" ".join(rng.choice(words) for _ in range(160))[:490] for _ in range(1000)]
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string())])
     with pq.ParquetWriter(path, schema) as writer:

@@ -51,6 +51,9 @@ class Results:
     latency_bound: dict[str, list[Measurement]] = field(default_factory=dict)
     memory: dict[int, Measurement] = field(default_factory=dict)
     startup: dict[str, list[Measurement]] = field(default_factory=dict)
+    instruction_rows: tuple[int, int] | None = None  # set if scenario 5 ran
+    # Concurrency -> client -> instructions a request.
+    instructions: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +374,38 @@ class Page:
         self.targets += checks
         return lines + _target_table(checks)
 
+    def instructions_section(self, small: int, large: int) -> list[str]:
+        res = self.results
+        lines = [
+            "## 5. Instructions per request",
+            "",
+            "Scenario 1 asks what a request costs in CPU time, which this shared"
+            " machine's noise moves by up to 80 % between rounds. valgrind's"
+            " callgrind counts the instructions a process executes instead, and"
+            " the count barely moves with the machine's load. Each client runs"
+            f" once on {small:,} and once on {large:,} of the short prompts under"
+            " `valgrind --tool=callgrind`, pinned to core 0 with"
+            " `PYTHONHASHSEED=0`, against the simulator on core 1; the difference"
+            f" between the two counts over the {large - small:,} rows between"
+            " them is what a request costs, with start-up and shutdown cancelled"
+            " out. Instructions are not time (cache misses, page faults and the"
+            " kernel's share are not counted), so this is no target, only the"
+            " same question asked without the noise.",
+            "",
+        ]
+        if not res.instructions:
+            return [*lines, "valgrind is not installed, so nothing was counted.", ""]
+        rows = []
+        for c, counts in res.instructions.items():
+            ours, bare = counts["batchrun"], counts[BASELINE]
+            rows.append(
+                [str(c), f"{ours / 1000:,.1f}", f"{bare / 1000:,.1f}",
+                 f"{ours / bare:.2f}x"]
+            )  # fmt: skip
+        header = ["concurrency", "batchrun, thousand instructions a request",
+                  "bare aiohttp", "batchrun / bare aiohttp"]  # fmt: skip
+        return lines + table(header, rows)
+
     def render(self) -> str:
         res = self.results
         body: list[str] = []
@@ -383,6 +418,8 @@ class Page:
             body += self.memory_section()
         if res.startup:
             body += self.startup_section()
+        if res.instruction_rows is not None:
+            body += self.instructions_section(*res.instruction_rows)
         note = " (a short smoke run, not the published figures)." if res.quick else "."
         head = [
             "# Benchmarks",
@@ -396,7 +433,8 @@ class Page:
             f"This page comes from `{res.command}`{note}",
             "",
             "Benchmark dependencies: `pip install -r benchmarks/requirements.txt`"
-            " (plus `apt-get install wrk` for the server capacity check).",
+            " (plus `apt-get install wrk` for the server capacity check and"
+            " `apt-get install valgrind` for the instruction counts).",
             "",
             "## Targets",
             "",

@@ -8,12 +8,16 @@ Measures what the simulator alone can answer (wrk), then four scenarios:
              the bound, 256 / 0.5 s = 512 requests/s.
 3. memory    batchrun's peak RSS on a 100,000 and a 1,000,000-row Parquet input.
 4. startup   process start to first request sent.
+5. instructions
+             instructions a request at concurrency 64 and 256, batchrun and
+             bare aiohttp, counted by valgrind's callgrind (skipped without
+             valgrind): scenario 1's CPU question without the machine's noise.
 
 The simulator runs pinned to core 1 and every client pinned to core 0. The
 report (docs/benchmarks.md) and its chart (docs/benchmarks.png) are rewritten
 from this run's numbers.
 
-    python benchmarks/run.py                  # the full run, 15-25 minutes
+    python benchmarks/run.py                  # the full run, 25-35 minutes
     python benchmarks/run.py --quick --rounds 1
     python benchmarks/run.py --only cpu --rounds 5
 """
@@ -34,6 +38,7 @@ from pathlib import Path
 
 from harness import (
     CONCURRENCIES,
+    INSTRUCTION_ROWS,
     LATENCY_CONCURRENCY,
     LATENCY_MS,
     MEMORY_CONCURRENCY,
@@ -41,6 +46,7 @@ from harness import (
     Measurement,
     Server,
     batchrun_argv,
+    count_instructions,
     measure_run,
     script_argv,
     serve,
@@ -52,7 +58,7 @@ from report import Results, write_chart, write_report
 from throughput import compile_batchrun
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("cpu", "latency", "memory", "startup")
+SCENARIOS = ("cpu", "latency", "memory", "startup", "instructions")
 
 # A client, given a fresh output directory, gives its command line and where its
 # results land (None: it prints them as one JSON line).
@@ -196,6 +202,43 @@ def startup(
         return take_turns(server, commands, args.rows, args.rounds, work, "startup")
 
 
+def instructions(args: argparse.Namespace, work: Path) -> dict[int, dict[str, float]]:
+    """Scenario 5: instructions a request, batchrun and bare aiohttp (callgrind).
+
+    A client's count on the larger input less its count on the smaller, over
+    the rows between them. Empty without valgrind.
+    """
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed: no instruction counts", flush=True)
+        return {}
+    small, large = args.instruction_rows
+    inputs = {
+        n: write_jsonl(work / f"instructions-{n}.jsonl", n) for n in (small, large)
+    }
+    found: dict[int, dict[str, float]] = {}
+    with serve(0) as server:
+        for c in CONCURRENCIES:
+            found[c] = {}
+            for name in ("batchrun", "bare aiohttp"):
+                counts = {}
+                for rows, inp in inputs.items():
+                    out = work / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    command = clients((name,), inp, server, c, args.event_loop)[name]
+                    argv, _ = command(out)
+                    counted = count_instructions(server, name, argv, rows, work)
+                    assert counted is not None  # valgrind was found above
+                    counts[rows] = counted
+                    shutil.rmtree(out, ignore_errors=True)
+                found[c][name] = (counts[large] - counts[small]) / (large - small)
+                print(
+                    f"  instructions c={c} {name:<13}"
+                    f" {found[c][name] / 1000:8.1f} thousand a request",
+                    flush=True,
+                )
+    return found
+
+
 def environment() -> dict[str, str]:
     """What the numbers were measured on."""
 
@@ -284,6 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sdk_rounds = min(args.sdk_rounds, args.rounds)
     args.rows = 5_000 if args.quick else 20_000
     args.memory_rows = (20_000, 200_000) if args.quick else (100_000, 1_000_000)
+    args.instruction_rows = (500, 1_500) if args.quick else INSTRUCTION_ROWS
     args.scenarios = (args.only,) if args.only else SCENARIOS
     args.wrk_seconds, args.wrk_repeats = (3, 1) if args.quick else (5, 3)
     return args
@@ -317,6 +361,9 @@ def main(argv: list[str] | None = None) -> None:
             results.memory = memory(args, work)
         if "startup" in args.scenarios:
             results.startup = startup(args, inp, work)
+        if "instructions" in args.scenarios:
+            results.instruction_rows = args.instruction_rows
+            results.instructions = instructions(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)

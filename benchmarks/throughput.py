@@ -172,10 +172,10 @@ def main() -> None:
         rss = statistics.median(r["rss_mb"] for r in runs)
         summary[name] = (rps, cpu)
         print(f"{name:<16} {rps:>8.0f} {cpu:>13.3f} {rss:>12.0f}")
-    bare, ours = summary["bare aiohttp"], summary["batchrun"]
+    baseline, ours = summary["bare aiohttp"], summary["batchrun"]
     print(
-        f"batchrun/bare throughput ratio: {ours[0] / bare[0]:.2f}; "
-        f"CPU per request ratio: {ours[1] / bare[1]:.2f}"
+        f"batchrun/bare throughput ratio: {ours[0] / baseline[0]:.2f}; "
+        f"CPU per request ratio: {ours[1] / baseline[1]:.2f}"
     )
 
 
