@@ -1,6 +1,6 @@
 """The published benchmark: one command, every scenario, docs/benchmarks.md.
 
-Measures what the simulator alone can answer (wrk), then four scenarios:
+Measures what the simulator alone can answer (wrk), then five scenarios:
 
 1. cpu       latency 0, concurrency 64 and 256: batchrun, bare aiohttp and the
              openai SDK take turns; requests/s, CPU per request, peak RSS.
