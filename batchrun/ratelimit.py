@@ -380,30 +380,22 @@ class Slot:
         self._limit = limit
         self.held = False
 
-    async def hold(self) -> None:
-        """Have a slot for the row in hand: keep the one held if the limit
-        still allows it."""
-        limit = self._limit
-        if self.held:
-            if limit.in_flight <= limit.limit:
-                return
-            self.release()
-        await limit.acquire()
-        self.held = True
+    async def hold(self, *, new_row: bool = False) -> None:
+        """Have a slot: keep the one held if the limit still allows it.
 
-    async def hold_for_new_row(self) -> None:
-        """Have a slot before taking a new row.
-
-        Rows already taken (one coming out of its backoff, or one that arrived
-        while every slot was busy) get free slots first, so that none of them
-        waits while other workers go on taking new rows.
+        Args:
+            new_row: The slot is for a row not yet taken. Rows already taken
+                (one coming out of its backoff, or one that arrived while
+                every slot was busy) get free slots first, so the held slot
+                is given up while one of them waits (see
+                ``ConcurrencyLimit.acquire``).
         """
         limit = self._limit
         if self.held:
-            if limit.in_flight <= limit.limit and not limit.rows_waiting:
+            if limit.in_flight <= limit.limit and not (new_row and limit.rows_waiting):
                 return
             self.release()
-        await limit.acquire(new_row=True)
+        await limit.acquire(new_row=new_row)
         self.held = True
 
     def release(self) -> None:

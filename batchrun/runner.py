@@ -471,7 +471,7 @@ class _Run:
                 # Twice as many workers as slots: a row waiting out its backoff
                 # holds a worker but no slot, so new rows keep the slots busy
                 # and retries interleave with new work (ahead of it: see
-                # Slot.hold_for_new_row).
+                # Slot.hold).
                 for _ in range(2 * self.config.concurrency):
                     tg.start_soon(self._work, records.clone(), results.clone())
 
@@ -601,7 +601,7 @@ class _Run:
                 while True:
                     # A slot first, then a row: a row taken without one could
                     # wait unsent for as long as other workers keep theirs.
-                    await slot.hold_for_new_row()
+                    await slot.hold(new_row=True)
                     try:
                         record = records.receive_nowait()
                     except anyio.WouldBlock:

@@ -703,7 +703,7 @@ async def test_a_row_in_hand_gets_the_next_slot_before_a_new_row() -> None:
     order: list[str] = []
 
     async def wait(name: str, slot: Slot, new_row: bool) -> None:
-        await (slot.hold_for_new_row() if new_row else slot.hold())
+        await slot.hold(new_row=new_row)
         order.append(name)
         slot.release()
 
@@ -719,7 +719,7 @@ async def test_a_row_in_hand_gets_the_next_slot_before_a_new_row() -> None:
         assert order == []
         # ...but gives it up rather than take a new row while a taken row
         # waits, and queues behind the worker that was first to want one.
-        await holder.hold_for_new_row()
+        await holder.hold(new_row=True)
         assert holder.held
         assert order == ["row in hand", "new row"]
         holder.release()
