@@ -38,7 +38,7 @@ def main() -> int:
         limit_arenas(2)
     from .cli import main as cli_main
 
-    return cli_main()
+    return cli_main(own_process=True)
 
 
 if __name__ == "__main__":

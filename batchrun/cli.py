@@ -7,6 +7,7 @@ No batch logic lives here. This module reads the environment (API keys,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -625,9 +626,21 @@ def _resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["batchrun", *(a for a in argv if a != "--overwrite")])
 
 
-def _cmd_run(args: argparse.Namespace, job: Job | None, argv: Sequence[str]) -> int:
+def _cmd_run(
+    args: argparse.Namespace,
+    job: Job | None,
+    argv: Sequence[str],
+    *,
+    own_process: bool = False,
+) -> int:
     from .runner import run
 
+    if own_process:
+        # Every module is loaded now and lives as long as the process: frozen,
+        # the cyclic collector never walks them again, during the run or at
+        # exit. That saved 53-58 million instructions a run (callgrind, 10 and
+        # 2,000 rows), some 15 ms, whatever the number of rows.
+        gc.freeze()
     stats = run(_run_config(args, job))
     if stats.stopped_by is not None:
         print(stats.summary(), file=sys.stderr)
@@ -706,11 +719,13 @@ def _cmd_serve_mock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
     """Run the command line; returns the exit code.
 
     Args:
         argv: Arguments without the program name; ``None`` reads ``sys.argv``.
+        own_process: The command has the process to itself (``batchrun`` and
+            ``python -m batchrun``), so it may tune the garbage collector.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -727,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, job = _with_job(parser, commands, args, argv)
         if args.command == "estimate":
             return _cmd_estimate(args, job)
-        return _cmd_run(args, job, argv)
+        return _cmd_run(args, job, argv, own_process=own_process)
     except KeyboardInterrupt:
         print("batchrun: interrupted; finished results are saved", file=sys.stderr)
         return EXIT_INTERRUPTED

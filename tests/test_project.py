@@ -45,10 +45,12 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
     """The CLI process never imports NumPy (0.15 s of start-up), collects
-    cyclic garbage every 10,000 allocations, not 700, and gives Arrow the
-    system allocator unless told otherwise.
+    cyclic garbage every 10,000 allocations, not 700, gives Arrow the system
+    allocator unless told otherwise, and freezes what it has loaded before a
+    run.
 
-    ``import batchrun`` as a library changes none of these.
+    ``import batchrun`` as a library, or ``batchrun.cli.main`` called from a
+    program, changes none of these.
     """
     script = (
         "import sys\n"
@@ -59,7 +61,8 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         "import pyarrow as pa\n"
         "numpy = sys.modules.get('numpy', 'absent')\n"
         "pool = pa.default_memory_pool().backend_name\n"
-        "print(code, 'pyarrow' in sys.modules, numpy, gc.get_threshold()[0], pool)\n"
+        "print(code, 'pyarrow' in sys.modules, numpy, gc.get_threshold()[0], pool,"
+        " gc.get_freeze_count() > 0)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
 
@@ -74,8 +77,8 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
-    assert command(None) == ["2", "True", "None", "10000", "system"]
-    assert command("mimalloc")[-1] == "mimalloc"
+    assert command(None) == ["2", "True", "None", "10000", "system", "False"]
+    assert command("mimalloc")[-2] == "mimalloc"
     # A run too keeps the pool the user chose.
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"id": "a", "prompt": "hi"}\n')
@@ -92,21 +95,25 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         env={**env, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"},
     )
     assert done.stdout.split()[::4] == ["0", "mimalloc"], done.stderr
+    assert done.stdout.split()[-1] == "True", "a run freezes the loaded modules"
     check = (
         "import sys, batchrun\n"
-        "batchrun.run\n"
+        "from batchrun.cli import main\n"
+        f"main(['run', {str(inp)!r}, '-o', sys.argv[1], '--provider', 'mock',"
+        " '--quiet'])\n"
         "import pyarrow as pa\n"
         "numpy = sys.modules.get('numpy', 'absent')\n"
         "import gc\n"
         "pool = pa.default_memory_pool().backend_name\n"
         "print('pyarrow' in sys.modules, numpy is not None, gc.get_threshold()[0],"
-        " pool != 'system')"
+        " pool != 'system', gc.get_freeze_count())"
     )
     library = subprocess.run(
-        [sys.executable, "-c", check],
+        [sys.executable, "-c", check, str(tmp_path / "library")],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
-    assert library.stdout.split() == ["True", "True", "700", "True"], library.stderr
+    expected = ["True", "True", "700", "True", "0"]
+    assert library.stdout.split() == expected, library.stderr
