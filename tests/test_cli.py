@@ -394,12 +394,14 @@ def test_the_open_file_limit_is_raised_for_the_pool(
     At a soft limit of 100, connections beyond it failed ("Too many open
     files") and were retried, so fewer than 100 requests were ever in flight.
     Answers take a second, so that opening 300 connections on a busy machine
-    still ends before the first answers free theirs.
+    still ends before the first answers free theirs. Under the soft limit at
+    most about 90 sockets fit, so more than 150 in flight proves it was
+    raised, with room to spare for a machine slower still.
     """
     sim = sim_factory(latency_ms=1000)
     run = _run_limited(sim, tmp_path, (100, 1024))
     assert run.returncode == 0, run.stderr
-    assert sim.state.snapshot()["max_in_flight"] > 200
+    assert sim.state.snapshot()["max_in_flight"] > 150
 
 
 def test_too_low_a_hard_limit_on_open_files_is_a_usage_error(
