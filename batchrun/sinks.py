@@ -276,8 +276,22 @@ class PartWriter:
         path = part_path(self.results_dir, number)
         table = self.table(rows)
         options = self._options
-        atomic_write(path, lambda tmp: pq.write_table(table, tmp, **options))
+        atomic_write(path, lambda tmp: _write_table(table, tmp, **options))
         return path
+
+
+# Arrow writes a local file unbuffered: a part of 1,000 results took about 70
+# write and 40 seek system calls, one or two writes through this buffer
+# (strace). The CPU time did not move measurably here; filesystems that
+# charge for each call (network ones) gain more.
+_WRITE_BUFFER_BYTES = 1 << 20
+
+
+def _write_table(table: pa.Table, path: Path, **options: Any) -> None:
+    with pa.output_stream(
+        path, compression=None, buffer_size=_WRITE_BUFFER_BYTES
+    ) as out:
+        pq.write_table(table, out, **options)
 
 
 def part_path(results_dir: Path, number: int) -> Path:
@@ -496,7 +510,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 def write_usage(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write the usage table atomically."""
     table = pa.Table.from_pylist(list(rows), schema=USAGE_SCHEMA)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    atomic_write(path, lambda tmp: _write_table(table, tmp))
 
 
 def has_output(out_dir: Path) -> bool:
