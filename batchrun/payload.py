@@ -220,7 +220,7 @@ class RequestBuilder:
                 self._messages_matter
                 and row.get(self.options.messages_column) is not None
             )
-            and ("body" not in row or "custom_id" not in row)  # not is_batch_row
+            and not is_batch_row(row)
         ):
             return  # build() would succeed
         if self._template is not None and not is_batch_row(row):
