@@ -275,9 +275,8 @@ def server_capacity(
 
 def count_instructions(
     server: Server, client: str, argv: list[str], rows: int, work: Path
-) -> int | None:
-    """Instructions one client run executes, counted by valgrind's callgrind;
-    ``None`` without valgrind.
+) -> int:
+    """Instructions one client run executes, counted by valgrind's callgrind.
 
     The client runs pinned to core 0 with ``PYTHONHASHSEED=0``, as in the
     other scenarios except for valgrind itself, which runs the client about
@@ -287,8 +286,6 @@ def count_instructions(
         SystemExit: The client failed, or the server did not count exactly one
             request per row.
     """
-    if shutil.which("valgrind") is None:
-        return None
     server.reset()
     profile = work / "callgrind.out"
     done = subprocess.run(
