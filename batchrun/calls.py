@@ -28,7 +28,7 @@ from .errors import (
 )
 from .payload import TokenEstimator
 from .ratelimit import ConcurrencyLimit, Cost, RateLimiter, Slot
-from .records import AttemptLog, JSONObject, PromptRecord, Result, Usage
+from .records import AttemptLog, PromptRecord, Result, Usage
 from .retry import Retrier, Sleep
 
 __all__ = ["Caller", "RowAbandoned", "failed_result"]
@@ -57,49 +57,18 @@ def failed_result(
     """An error row for ``record``."""
     started = time.time() if started is None else started
     return Result(
-        id=record.id,
+        record=record,
         status="error",
-        endpoint=record.endpoint,
-        model=record.model,
-        prompt=record.prompt,
-        completion=None,
-        choices=None,
-        finish_reason=None,
         usage=Usage(),
-        response=response,
         http_status=status,
         attempts=0 if log is None else log.attempts,
         latency_s=latency,
-        error=" ".join(error.split()),
         started_at=started,
         finished_at=started + latency,
-        extra=record.extra,
+        error=" ".join(error.split()),
+        response=response,
         log=log,
-        request_hash=record.request_hash,
-        variant=record.variant,
     )
-
-
-def _choices(data: JSONObject, chat: bool) -> list[JSONObject]:
-    choices: list[JSONObject] = []
-    for index, choice in enumerate(data["choices"]):
-        if not isinstance(choice, dict):
-            continue
-        if chat:
-            message = choice.get("message")
-            text = message.get("content") if isinstance(message, dict) else None
-        else:
-            text = choice.get("text")
-        position = choice.get("index")
-        reason = choice.get("finish_reason")
-        choices.append(
-            {
-                "index": position if isinstance(position, int) else index,
-                "text": text if isinstance(text, str) else None,
-                "finish_reason": reason if isinstance(reason, str) else None,
-            }
-        )
-    return choices
 
 
 class Caller:
@@ -195,30 +164,18 @@ class Caller:
             return self._failure(record, exc, log)
         latency = self._clock() - log.first_sent
         finished = time.time()
-        data = reply.data
-        choices = _choices(data, record.endpoint == "chat")
-        first = choices[0] if choices else None
         return Result(
-            id=record.id,
+            record=record,
             status="ok",
-            endpoint=record.endpoint,
-            model=record.model,
-            prompt=record.prompt,
-            completion=None if first is None else first["text"],
-            choices=choices,
-            finish_reason=None if first is None else first["finish_reason"],
             usage=usage,
-            response=reply.raw.decode("utf-8", "replace") if self._raw else None,
             http_status=reply.status,
             attempts=log.attempts,
             latency_s=latency,
-            error=None,
             started_at=finished - latency,
             finished_at=finished,
-            extra=record.extra,
+            body=reply.data,
+            response=reply.raw if self._raw else None,
             log=log if log.attempts > 1 else None,
-            request_hash=record.request_hash,
-            variant=record.variant,
         )
 
     async def _retry(

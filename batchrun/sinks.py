@@ -172,32 +172,38 @@ def result_row(
     the usage table needs about retried attempts. ``cells`` maps a sweep
     variant's name to its cell columns (``template``, swept parameters).
     """
+    record = result.record
     usage = result.usage
+    choices = result.choices()
+    first = choices[0] if choices else None
+    response = result.response if raw else None
+    if isinstance(response, bytes):
+        response = response.decode("utf-8", "replace")
     row: Row = {
-        "id": result.id,
+        "id": record.id,
         "status": result.status,
-        "endpoint": result.endpoint,
-        "model": result.model,
-        "prompt": result.prompt,
-        "completion": result.completion,
-        "choices": result.choices,
-        "finish_reason": result.finish_reason,
+        "endpoint": record.endpoint,
+        "model": record.model,
+        "prompt": record.prompt,
+        "completion": None if first is None else first["text"],
+        "choices": choices,
+        "finish_reason": None if first is None else first["finish_reason"],
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "response": result.response if raw else None,
+        "response": response,
         "http_status": result.http_status,
         "attempts": result.attempts,
         "latency_s": result.latency_s,
         "error": result.error,
         "started_at": result.started_at,
         "finished_at": result.finished_at,
-        "request_hash": result.request_hash,
-        "variant": result.variant,
+        "request_hash": record.request_hash,
+        "variant": record.variant,
     }
-    if cells and result.variant is not None:
-        row.update(cells[result.variant])
-    extra = result.extra
+    if cells and record.variant is not None:
+        row.update(cells[record.variant])
+    extra = record.extra
     if kept_names:
         for name, column in kept_names.items():
             row[column] = None if extra is None else extra.get(name)

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from batchrun.cli import main
-from batchrun.records import AttemptLog, Result, Usage
+from batchrun.records import AttemptLog, PromptRecord, Result, Usage
 from batchrun.simulator import SimulatorHandle
 from batchrun.sinks import result_row
 
@@ -161,27 +161,21 @@ def make_row(
 ) -> dict[str, Any]:
     """A result row as the runner journals it and writes it to parts."""
     ok = status == "ok"
+    answer = {"choices": [{"index": 0, "text": completion, "finish_reason": "stop"}]}
     result = Result(
-        id=row_id,
+        record=PromptRecord(row_id, "completions", {"model": "m"}, "p"),
         status=status,
-        endpoint="completions",
-        model="m",
-        prompt="p",
-        completion=completion if ok else None,
-        choices=[{"index": 0, "text": completion, "finish_reason": "stop"}]
-        if ok
-        else None,
-        finish_reason="stop" if ok else None,
         usage=Usage(1, 2, 3) if ok else Usage(),
-        response=json.dumps({"id": f"cmpl-{row_id}", "text": completion})
-        if ok
-        else json.dumps({"error": {"message": "bad request"}}),
         http_status=200 if ok else 400,
         attempts=1,
         latency_s=0.1,
-        error=None if ok else "PermanentError: HTTP 400: bad request",
         started_at=started_at,
         finished_at=started_at + 0.5,
+        error=None if ok else "PermanentError: HTTP 400: bad request",
+        body=answer if ok else None,
+        response=json.dumps({"id": f"cmpl-{row_id}", "text": completion})
+        if ok
+        else json.dumps({"error": {"message": "bad request"}}),
         log=log,
     )
     row = result_row(result, raw=True, kept_names={})

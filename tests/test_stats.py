@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchrun.config import Endpoint
-from batchrun.records import Result, Usage
+from batchrun.records import PromptRecord, Result, Usage
 from batchrun.sinks import LOG_KEY, Row, result_row
 from batchrun.stats import (
     LatencyHistogram,
@@ -46,23 +46,18 @@ def _result(
     attempts: int = 1,
     latency_s: float = 0.5,
 ) -> Row:
+    ok = status == "ok"
     result = Result(
-        id="r",
+        record=PromptRecord("r", endpoint, {"model": model}, "p"),
         status=status,
-        endpoint=endpoint,
-        model=model,
-        prompt="p",
-        completion="c" if status == "ok" else None,
-        choices=None,
-        finish_reason="stop" if status == "ok" else None,
         usage=usage or Usage(),
-        response=None,
-        http_status=200 if status == "ok" else 400,
+        http_status=200 if ok else 400,
         attempts=attempts,
         latency_s=latency_s,
-        error=None if status == "ok" else "PermanentError: HTTP 400",
         started_at=0.0,
         finished_at=latency_s,
+        error=None if ok else "PermanentError: HTTP 400",
+        body={"choices": [{"text": "c", "finish_reason": "stop"}]} if ok else None,
     )
     return result_row(result, raw=True, kept_names={})
 
