@@ -453,7 +453,13 @@ class _Run:
                 outer.start_soon(self._watch_signals, outer)
             async with anyio.create_task_group() as tg:
                 async with records_in, records_out, results_in:
-                    tg.start_soon(self._read, records_in.clone(), results_in.clone())
+                    # The workers start once the first rows are ready. Started
+                    # together, each of them found the stream empty, let its
+                    # slot go and waited for a row without one: twice
+                    # --concurrency rows were taken at once, and the reader
+                    # built its second batch, holding the GIL, while the first
+                    # requests were still connecting.
+                    await tg.start(self._read, records_in.clone(), results_in.clone())
                     tg.start_soon(
                         self._work_all, records_out.clone(), results_in.clone()
                     )
@@ -569,17 +575,23 @@ class _Run:
         self,
         records: MemoryObjectSendStream[PromptRecord],
         results: MemoryObjectSendStream[Result],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Build the records batch by batch, in a thread, and queue them.
+
+        Reports itself started once the first batch is built (or the reader
+        stops or fails first), so that the workers find rows to take.
+        """
         with self.reader_scope:
             async with records, results:
                 batches = iter_batches(self.files, columns=self.builder.columns())
-                position = 0
-                while True:
-                    built = await anyio.to_thread.run_sync(
-                        self._next_batch, batches, position
-                    )
-                    if built is None:
-                        return
+                built = None
+                try:
+                    built = await anyio.to_thread.run_sync(self._next_batch, batches, 0)
+                finally:
+                    task_status.started()
+                while built is not None:
                     items, position = built
                     self.stats.skipped = self.skipped
                     for item in items:
@@ -587,6 +599,9 @@ class _Run:
                             await _put(results, item)
                         else:
                             await _put(records, item)
+                    built = await anyio.to_thread.run_sync(
+                        self._next_batch, batches, position
+                    )
 
     async def _work(
         self,
