@@ -8,6 +8,8 @@ import sys
 
 from ._libc import limit_arenas
 
+_FILES_AT_START = 1024
+
 
 def main() -> int:
     """Run the command line in a process of its own; returns the exit code."""
@@ -38,6 +40,12 @@ def main() -> int:
     # your own still wins.
     if "MALLOC_ARENA_MAX" not in os.environ:
         limit_arenas(2)
+    # Room in the table of open files for the usual ``ulimit -n``, while this
+    # is the only thread: growing it later, mid-wave, stalls the event loop
+    # (see grow_descriptor_table). The table costs 8 bytes an entry.
+    from .client import grow_descriptor_table
+
+    grow_descriptor_table(_FILES_AT_START)
     from .cli import main as cli_main
 
     return cli_main(own_process=True)

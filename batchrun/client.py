@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,19 +204,52 @@ def make_room_for(connections: int) -> None:
         return
     needed = connections + _SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft  # macOS refuses more than OPEN_MAX whatever the hard limit
+        if target < needed:
+            raise ConfigError(
+                f"{connections} connections need about {needed} open files, and"
+                f" this process may open {target} (ulimit -n); lower --concurrency"
+                " or raise the limit"
+            )
+    grow_descriptor_table(needed)
+
+
+def grow_descriptor_table(size: int) -> None:
+    """Have the table of open files hold ``size`` entries now (at most ``ulimit -n``).
+
+    Linux grows the table as files are opened, and in a process with more than
+    one thread each growth waits for an RCU grace period: 8-14 ms here, where
+    a process of one thread grows it in microseconds. pyarrow starts two
+    threads when imported, so the pool's first wave of connections stalled the
+    event loop at each growth: 5-7 ms at the 256th (strace -T). The command
+    grows the table at start, before that import (``__main__``); a pool larger
+    than that pays for its growth here, before the first request.
+    """
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ValueError, OSError):
-        target = soft  # macOS refuses more than OPEN_MAX whatever the hard limit
-    if target < needed:
-        raise ConfigError(
-            f"{connections} connections need about {needed} open files, and this"
-            f" process may open {target} (ulimit -n); lower --concurrency or"
-            " raise the limit"
-        )
+        import fcntl
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        size = min(size, soft)
+    try:
+        spare = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        # F_DUPFD takes the lowest free descriptor from size - 1 on: unlike
+        # dup2, it never closes one in use.
+        os.close(fcntl.fcntl(spare, fcntl.F_DUPFD, size - 1))
+    except OSError:
+        pass  # the table grows as files are opened, as it would have
+    finally:
+        os.close(spare)
 
 
 class APIClient:

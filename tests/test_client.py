@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -371,3 +373,70 @@ async def test_echoed_api_key_cut_by_body_limit_does_not_leak(
     leaked = SECRET[:16]
     assert leaked not in str(error), f"key prefix leaked in message: {error}"
     assert leaked not in (error.body or ""), f"key prefix leaked in body: {error.body}"
+
+
+# In a process of its own, so that its table of open files starts small.
+_GROW_TABLE = """
+import os, resource, sys
+from batchrun.client import grow_descriptor_table
+
+def table_size():
+    for line in open("/proc/self/status"):
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+
+soft = int(sys.argv[1])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+used = int(sys.argv[2])
+before = table_size()
+if used:
+    os.dup2(os.open(os.devnull, os.O_RDONLY), used)
+    inode = os.fstat(used).st_ino
+grow_descriptor_table(1000)
+if used:
+    assert os.fstat(used).st_ino == inode, "a descriptor in use was replaced"
+print(before, table_size())
+"""
+
+
+def _grow_table(soft: int, used: int = 0) -> tuple[int, int]:
+    """Table sizes before and after ``grow_descriptor_table(1000)``."""
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < soft:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    done = subprocess.run(
+        [sys.executable, "-c", _GROW_TABLE, str(soft), str(used)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.split()
+    return int(before), int(after)
+
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads FDSize in /proc"
+)
+
+
+@linux_only
+def test_the_table_of_open_files_is_grown_at_once() -> None:
+    """Grown while the process has one thread, it never grows mid-run (where
+    every growth waits for an RCU grace period)."""
+    before, after = _grow_table(soft=4096)
+    assert before < 1000 <= after
+
+
+@linux_only
+def test_growing_the_table_stays_under_the_open_file_limit() -> None:
+    """A soft limit below the size asked for caps it, without an error."""
+    before, after = _grow_table(soft=300)
+    assert before < 300 <= after < 1000
+
+
+@linux_only
+def test_growing_the_table_leaves_descriptors_in_use_alone() -> None:
+    """The descriptor at the top of the new table, open already, stays open."""
+    _, after = _grow_table(soft=4096, used=999)
+    assert after >= 1000
