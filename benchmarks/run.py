@@ -293,7 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="turns per client (default 9; the latency scenario defaults to 2)",
+        help="turns per client (default 9; the latency scenario defaults to 3)",
     )
     parser.add_argument(
         "--sdk-rounds",
@@ -317,7 +317,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if args.sdk_rounds < 1:
         parser.error("--sdk-rounds must be at least 1")
-    args.latency_rounds = args.rounds or 2
+    # Two 40 s rounds would quote their mean: how fast the first wave's 256
+    # connections open moves a window by 20-50 ms from run to run, as much as
+    # the clients differ. Three give a median.
+    args.latency_rounds = args.rounds or 3
     # On this shared machine one client's CPU per request moves by up to 80 %
     # between rounds; the median of nine per-round ratios moves much less
     # than that of five.
