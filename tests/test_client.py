@@ -1,4 +1,5 @@
-"""Tests for ``batchrun.client``: Retry-After parsing and HTTP error mapping.
+"""Tests for ``batchrun.client``: Retry-After parsing, HTTP error mapping, and
+the table of open files the pool needs.
 
 The error mapping is exercised against the real simulator over a socket, with
 scripted responses; nothing in aiohttp is mocked.
@@ -422,8 +423,8 @@ linux_only = pytest.mark.skipif(
 
 @linux_only
 def test_the_table_of_open_files_is_grown_at_once() -> None:
-    """Grown while the process has one thread, it never grows mid-run (where
-    every growth waits for an RCU grace period)."""
+    """The table holds the size asked for at once, rather than growing as files
+    open (mid-run, where each growth waits for an RCU grace period)."""
     before, after = _grow_table(soft=4096)
     assert before < 1000 <= after
 
