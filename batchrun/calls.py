@@ -241,7 +241,7 @@ class Caller:
                     self.policy.max_retry_wait_s,
                 )
             )
-            concurrency.on_rate_limited()
+            concurrency.on_rate_limited(limits_known=limiter.limited)
             raise
         except ServerError:
             log.server_errors += 1

@@ -8,15 +8,22 @@ that both synchronous CLI tests (``main([...])``) and async tests can use it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batchrun.simulator import SimulatorConfig, SimulatorHandle, serve_in_thread
+from batchrun.simulator import (
+    SimulatorConfig,
+    SimulatorHandle,
+    serve_in_thread,
+    start_simulator,
+)
 
 from .helpers import (
+    LocalSimFactory,
     Rows,
     SimFactory,
     SimProcess,
@@ -44,6 +51,27 @@ def sim_factory() -> Iterator[SimFactory]:
     yield start
     for manager in reversed(stack):
         manager.__exit__(None, None, None)
+
+
+@pytest.fixture
+async def local_sim() -> AsyncIterator[LocalSimFactory]:
+    """Start simulators in the test's own event loop (async tests only).
+
+    Client and simulator then take turns in one loop, so a ``VirtualTime``
+    they share moves only after requests already sent have been answered;
+    a simulator in its own thread answers whenever that thread gets to run.
+    """
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            clock: Callable[[], float] | None = None, **options: Any
+        ) -> SimulatorHandle:
+            config = SimulatorConfig(**options)
+            return await stack.enter_async_context(
+                start_simulator(config, clock=clock or time.monotonic)
+            )
+
+        yield start
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from batchrun.sinks import result_row
 
 Rows = Sequence[dict[str, Any]]
 SimFactory = Callable[..., SimulatorHandle]
+LocalSimFactory = Callable[..., Awaitable[SimulatorHandle]]
 WriteInput = Callable[..., Path]
 
 
@@ -66,22 +69,46 @@ class VirtualTime:
 
     Pass ``clock`` to the simulator and ``clock``/``sleep`` to ``arun``: both
     then agree on how much time has passed.
+
+    Sleepers wake in order of their wake-up time, as they would in real time,
+    and each moves the clock forward only after the event loop has had
+    ``SETTLE_YIELDS`` turns, so that requests already sent reach the simulator
+    first. Moving it at once let a pacer's waits run ahead of the requests
+    they spaced, which then arrived together.
     """
+
+    SETTLE_YIELDS = 16
 
     def __init__(self) -> None:
         self.offset = 0.0
         self.slept: list[float] = []
+        self._sleepers: list[tuple[float, int]] = []
+        self._count = itertools.count()
 
     def clock(self) -> float:
-        """Real monotonic time plus every virtual sleep so far."""
+        """Real monotonic time plus every virtual advance so far."""
         return time.monotonic() + self.offset
 
     async def sleep(self, seconds: float) -> None:
-        """Advance the clock by ``seconds`` and yield to the event loop once."""
-        if seconds > 0:
-            self.offset += seconds
-            self.slept.append(seconds)
-        await anyio.lowlevel.checkpoint()
+        """Wait ``seconds`` of virtual time, letting the event loop run first."""
+        if seconds <= 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        self.slept.append(seconds)
+        entry = (self.clock() + seconds, next(self._count))
+        heapq.heappush(self._sleepers, entry)
+        try:
+            while True:
+                for _ in range(self.SETTLE_YIELDS):
+                    await anyio.lowlevel.checkpoint()
+                if self._sleepers[0] == entry:
+                    break
+        except BaseException:
+            self._sleepers.remove(entry)
+            heapq.heapify(self._sleepers)
+            raise
+        heapq.heappop(self._sleepers)
+        self.offset += max(0.0, entry[0] - self.clock())
 
 
 class SimProcess:

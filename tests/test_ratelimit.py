@@ -485,6 +485,21 @@ def test_concurrency_rate_limited_halves_once_per_second() -> None:
     assert limit.limit == 8
 
 
+def test_a_429_with_no_budget_known_goes_back_to_one_request() -> None:
+    """With nothing pacing the requests, a 429 leaves one in flight for a
+    second, then slow start climbs back towards half the old limit."""
+    ft = FakeTime()
+    limit = ConcurrencyLimit(64, initial=32, clock=ft.clock)
+    limit.on_rate_limited(limits_known=False)
+    assert limit.limit == 1
+    limit.on_success(limits_known=False)
+    assert limit.limit == 1  # held for the second after the 429
+    ft.now = 1.0
+    for _ in range(20):
+        limit.on_success(limits_known=False)
+    assert limit.limit == 16  # +2 a success, up to half of 32, then +1 a window
+
+
 def test_concurrency_rate_limited_never_below_one() -> None:
     """Halving stops at one slot."""
     ft = FakeTime()
