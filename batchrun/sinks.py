@@ -12,12 +12,12 @@ import shutil
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import OutputError
@@ -84,6 +84,10 @@ RESULT_SCHEMA = pa.schema(
         ("request_hash", pa.int64()),
         ("variant", pa.string()),
     ]
+)
+# A result row as the journal holds it: timestamps as float epoch seconds.
+_ROW_TYPE = pa.struct(
+    [pa.field(f.name, pa.float64()) if f.type == _TS else f for f in RESULT_SCHEMA]
 )
 USAGE_SCHEMA = pa.schema(
     [
@@ -240,38 +244,31 @@ class PartWriter:
         cell_columns = dict(cell_columns or {})
         taken = set(RESULT_SCHEMA.names) | set(cell_columns)
         self.kept_names = {name: kept_name(name, taken) for name in kept}
-        self._kept_types = {self.kept_names[n]: t for n, t in kept.items()}
-        self._kept_types.update(cell_columns)
         self.schema = result_schema(kept, cell_columns)
+        # A sweep's cell columns and kept input columns, after the result's.
+        self._added = list(self.schema)[len(RESULT_SCHEMA) :]
         self._options = _write_options(self.schema)
 
     def table(self, rows: Sequence[Row]) -> pa.Table:
-        """The rows as an Arrow table of ``self.schema``."""
-        arrays = []
-        for field, values in zip(self.schema, self._columns(rows), strict=True):
-            name = field.name
-            if field.type == _TS:
-                micros = [None if v is None else int(v * 1_000_000) for v in values]
-                arrays.append(pa.array(micros, _TS))
-            elif name in self._kept_types:
-                arrays.append(pa.array(_to_column(values, field.type), field.type))
-            else:
-                arrays.append(pa.array(values, field.type))
-        return pa.Table.from_arrays(arrays, schema=self.schema)
+        """The rows as an Arrow table of ``self.schema``.
 
-    def _columns(self, rows: Sequence[Row]) -> list[Sequence[Any]]:
-        """The values of each schema column, in schema order."""
-        names = self.schema.names
-        if not rows:
-            return [() for _ in names]
-        try:
-            # One C call takes a row's values out and zip turns rows into
-            # columns: table() took 20.8 instead of 22.5 thousand instructions a
-            # row (callgrind) than with a comprehension per column.
-            return list(zip(*map(itemgetter(*names), rows), strict=True))
-        except KeyError:
-            # A row journaled by an earlier version may lack a newer column.
-            return [[r.get(name) for r in rows] for name in names]
+        The result columns come from one conversion of the rows as structs,
+        timestamps as float seconds turned into microseconds by Arrow: 15.8
+        instead of 20.4 thousand instructions a row (callgrind) than
+        transposing the rows and converting column by column. A row journaled
+        without a newer column (an earlier version's journal) gets a null.
+        """
+        structs = pa.array(rows, _ROW_TYPE)
+        arrays = []
+        for field, column in zip(RESULT_SCHEMA, structs.flatten(), strict=True):
+            if field.type == _TS:
+                micros = pc.multiply(column, 1_000_000).cast(pa.int64(), safe=False)
+                column = micros.cast(_TS)
+            arrays.append(column)
+        for field in self._added:
+            values = [row.get(field.name) for row in rows]
+            arrays.append(pa.array(_to_column(values, field.type), field.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def write(self, number: int, rows: Sequence[Row]) -> Path:
         """Write part ``number`` atomically. Blocking.
