@@ -1,8 +1,10 @@
 """Shared fixtures: a real simulator on an ephemeral port, and input writers.
 
 Every test talks to ``batchrun.simulator`` over a socket; nothing in aiohttp or
-the runner is mocked. The simulator runs in its own thread and event loop so
-that both synchronous CLI tests (``main([...])``) and async tests can use it.
+the runner is mocked. ``sim_factory`` runs the simulator in its own thread and
+event loop, so that synchronous CLI tests (``main([...])``) can use it too;
+``local_sim`` runs it in the async test's own loop, for tests whose client and
+simulator share a ``VirtualTime``.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ async def local_sim() -> AsyncIterator[LocalSimFactory]:
     """Start simulators in the test's own event loop (async tests only).
 
     Client and simulator then take turns in one loop, so a ``VirtualTime``
-    they share moves only after requests already sent have been answered;
-    a simulator in its own thread answers whenever that thread gets to run.
+    they share moves only after requests already sent have reached the
+    simulator; one in its own thread reads them whenever that thread runs.
     """
     async with AsyncExitStack() as stack:
 
