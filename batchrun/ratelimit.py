@@ -544,7 +544,7 @@ class ConcurrencyLimit:
         else:
             self._threshold = max(1, self.limit // 2)
             self.limit = 1
-            self._hold_until = now + _DECREASE_GAP_S
+            self._hold_until = max(self._hold_until, now + _DECREASE_GAP_S)
         self._successes = 0
 
     def _count(self, *, error: bool) -> None:

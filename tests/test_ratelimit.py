@@ -500,6 +500,18 @@ def test_a_429_with_no_budget_known_goes_back_to_one_request() -> None:
     assert limit.limit == 16  # +2 a success, up to half of 32, then +1 a window
 
 
+def test_a_blind_429_does_not_shorten_an_overload_hold() -> None:
+    """Growth held for 5 s by an overload stays held after a later 429."""
+    ft = FakeTime()
+    limit = overloading(64, 32, ft)
+    limit.on_overload()  # held until 5.0
+    ft.now = 1.0
+    limit.on_rate_limited(limits_known=False)  # would hold until 2.0 alone
+    ft.now = 3.0
+    limit.on_success(limits_known=False)
+    assert limit.limit == 1
+
+
 def test_concurrency_rate_limited_never_below_one() -> None:
     """Halving stops at one slot."""
     ft = FakeTime()
