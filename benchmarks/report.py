@@ -6,10 +6,12 @@ It measures nothing; ``run.py`` fills in a ``Results`` and hands it over.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness import (
     LATENCY_CONCURRENCY,
@@ -56,6 +58,33 @@ class Results:
     instructions: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
+def save_results(results: Results, path: Path) -> Path:
+    """Write every measurement of the run as JSON, beside the page."""
+    path.write_text(json.dumps(asdict(results), indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_results(path: Path) -> Results:
+    """Read what ``save_results`` wrote (JSON object keys are strings)."""
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+
+    def runs(items: list[dict[str, Any]]) -> list[Measurement]:
+        return [Measurement(**item) for item in items]
+
+    data["capacity"] = {int(c): v for c, v in data["capacity"].items()}
+    data["cpu_bound"] = {
+        int(c): {name: runs(r) for name, r in clients.items()}
+        for c, clients in data["cpu_bound"].items()
+    }
+    data["latency_bound"] = {n: runs(r) for n, r in data["latency_bound"].items()}
+    data["memory"] = {int(n): Measurement(**m) for n, m in data["memory"].items()}
+    data["startup"] = {n: runs(r) for n, r in data["startup"].items()}
+    if data["instruction_rows"] is not None:
+        data["instruction_rows"] = tuple(data["instruction_rows"])
+    data["instructions"] = {int(c): v for c, v in data["instructions"].items()}
+    return Results(**data)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """One stated target and whether this run met it."""
@@ -71,14 +100,40 @@ class Target:
         return "met" if self.met else "**not met**"
 
 
+def paired_ratios(
+    ours: Sequence[Measurement],
+    theirs: Sequence[Measurement],
+    value: Callable[[Measurement], float],
+) -> list[float]:
+    """``value(ours) / value(theirs)`` in each round."""
+    return [value(a) / value(b) for a, b in zip(ours, theirs, strict=True)]
+
+
 def paired_ratio(
     ours: Sequence[Measurement],
     theirs: Sequence[Measurement],
     value: Callable[[Measurement], float],
 ) -> float:
     """Median over rounds of ``value(ours) / value(theirs)`` in the same round."""
-    pairs = zip(ours, theirs, strict=True)
-    return statistics.median(value(a) / value(b) for a, b in pairs)
+    return statistics.median(paired_ratios(ours, theirs, value))
+
+
+def ratio_spread(
+    ours: Sequence[Measurement],
+    theirs: Sequence[Measurement],
+    value: Callable[[Measurement], float],
+) -> str:
+    """``1.32x (1.04-1.54)``: the median per-round ratio and the middle half
+    of them (the range for fewer than four rounds)."""
+    ratios = sorted(paired_ratios(ours, theirs, value))
+    median = f"{statistics.median(ratios):.2f}x"
+    if len(ratios) == 1:
+        return median
+    if len(ratios) < 4:
+        low, high = ratios[0], ratios[-1]
+    else:
+        low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{median} ({low:.2f}-{high:.2f})"
 
 
 def spread(runs: Sequence[Measurement], value: Callable[[Measurement], float]) -> str:
@@ -200,7 +255,12 @@ class Page:
                 f" {res.sdk_rounds} of them."
                 if res.sdk_rounds < res.rounds
                 else "."
-            ),
+            )
+            + " Each ratio pairs the clients round by round: the median of the"
+            " per-round ratios, with the middle half of them in brackets (their"
+            " range under four rounds). A"
+            " ratio of the clients' own medians (first table) can differ from"
+            " it when the machine's speed drifts between rounds.",
             "",
         ]
         for c, runs in res.cpu_bound.items():
@@ -229,16 +289,23 @@ class Page:
                        f"{cpu:.2f}x", f"≤ {TARGET_CPU:g}x", cpu <= TARGET_CPU),
             ]  # fmt: skip
             self.targets += checks
-            rows = [[t.what, t.result, t.target, t.verdict] for t in checks]
+            spreads = [
+                ratio_spread(ours, bare, lambda m: m.rps),
+                ratio_spread(ours, bare, lambda m: m.cpu_per_1k),
+            ]
+            rows = [
+                [t.what, spread, t.target, t.verdict]
+                for t, spread in zip(checks, spreads, strict=True)
+            ]
             if "openai SDK" in runs:
                 sdk_runs = runs["openai SDK"]
-                sdk = paired_ratio(ours[: len(sdk_runs)], sdk_runs, lambda m: m.rps)
+                sdk = ratio_spread(ours[: len(sdk_runs)], sdk_runs, lambda m: m.rps)
                 rows.append(
-                    [f"throughput, batchrun / openai SDK, c={c}", f"{sdk:.2f}x",
-                     "none", "-"]
-                )  # fmt: skip
-            lines += table(["ratio (median of per-round ratios)", "result",
-                            "target", ""], rows)  # fmt: skip
+                    [f"throughput, batchrun / openai SDK, c={c}", sdk, "none", "-"]
+                )
+            lines += table(["ratio: median of per-round ratios (spread)",
+                            "result", "target", ""], rows)  # fmt: skip
+
         lines += ["![throughput](benchmarks.png)", ""]
         return lines
 
@@ -424,7 +491,9 @@ class Page:
         head = [
             "# Benchmarks",
             "",
-            "Generated by one command, which rewrites this page and its chart:",
+            "Generated by one command, which rewrites this page and its chart"
+            " and keeps every measurement in"
+            " [benchmarks.json](benchmarks.json):",
             "",
             "```",
             "python benchmarks/run.py",

@@ -15,11 +15,12 @@ Measures what the simulator alone can answer (wrk), then five scenarios:
 
 The simulator runs pinned to core 1 and every client pinned to core 0. The
 report (docs/benchmarks.md) and its chart (docs/benchmarks.png) are rewritten
-from this run's numbers.
+from this run's numbers, and every measurement is kept in docs/benchmarks.json.
 
     python benchmarks/run.py                  # the full run, 25-35 minutes
     python benchmarks/run.py --quick --rounds 1
     python benchmarks/run.py --only cpu --rounds 5
+    python benchmarks/run.py --from-json docs/benchmarks.json   # report only
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from harness import (
     write_jsonl,
     write_parquet,
 )
-from report import Results, write_chart, write_report
+from report import Results, load_results, save_results, write_chart, write_report
 from throughput import compile_batchrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,6 +313,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "docs", help="report directory"
     )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="PATH",
+        help="measure nothing: rewrite the page and chart from a run's saved"
+        " benchmarks.json",
+    )
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -336,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.from_json is not None:
+        write_outputs(load_results(args.from_json), args.out)
+        return
     compile_batchrun()
     command = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
     results = Results(
@@ -368,9 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    save_results(results, args.out / "benchmarks.json")
+    write_outputs(results, args.out)
+
+
+def write_outputs(results: Results, out: Path) -> None:
+    """The page and, if scenario 1 ran, its chart."""
+    out.mkdir(parents=True, exist_ok=True)
     if results.cpu_bound:
-        write_chart(results, args.out / "benchmarks.png")
-    page = write_report(results, args.out / "benchmarks.md")
+        write_chart(results, out / "benchmarks.png")
+    page = write_report(results, out / "benchmarks.md")
     print(f"wrote {page}")
 
 
