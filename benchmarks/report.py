@@ -305,7 +305,6 @@ class Page:
                 )
             lines += table(["ratio: median of per-round ratios (spread)",
                             "result", "target", ""], rows)  # fmt: skip
-
         lines += ["![throughput](benchmarks.png)", ""]
         return lines
 

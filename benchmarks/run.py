@@ -321,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " benchmarks.json",
     )
     args = parser.parse_args(argv)
+    if args.from_json is not None and not args.from_json.is_file():
+        parser.error(f"--from-json: no such file: {args.from_json}")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.sdk_rounds < 1:
