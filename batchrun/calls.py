@@ -267,5 +267,5 @@ class Caller:
         limiter.settle(reserved, usage.prompt_tokens, usage.completion_tokens)
         limiter.answered(reply.headers)
         self.estimator.observe(record, usage.prompt_tokens, usage.completion_tokens)
-        concurrency.on_success(limits_known=limiter.limited)
+        concurrency.on_success()
         return reply, usage

@@ -409,26 +409,19 @@ def test_concurrency_slow_start_grows_by_two_per_success() -> None:
         assert limit.limit == expected
 
 
-def test_probe_opens_slow_start_when_limits_are_known() -> None:
-    """One request alone; its success starts slow start at ``initial``."""
+def test_probe_opens_slow_start() -> None:
+    """One request alone; its success starts slow start at ``initial``, whether
+    or not the server stated a limit, and only the probe's answer does."""
     ft = FakeTime()
     limit = ConcurrencyLimit(64, initial=8, clock=ft.clock, probe=True)
     assert limit.limit == 1
-    limit.on_success(limits_known=True)
+    limit.on_success()
     assert limit.limit == 8
-    limit.on_success(limits_known=True)
+    limit.on_success()
     assert limit.limit == 10
-
-
-def test_probe_opens_fully_when_no_limit_is_known() -> None:
-    """No server headers and no user limits: the whole pool right after the probe."""
-    ft = FakeTime()
-    limit = ConcurrencyLimit(64, initial=8, clock=ft.clock, probe=True)
-    limit.on_success(limits_known=False)
-    assert limit.limit == 64
     not_probing = ConcurrencyLimit(64, initial=8, clock=ft.clock)
-    not_probing.on_success(limits_known=False)
-    assert not_probing.limit == 10  # only the probe's answer opens the pool
+    not_probing.on_success()
+    assert not_probing.limit == 10
 
 
 def test_a_permanent_error_ends_the_probe_into_slow_start() -> None:
@@ -492,11 +485,11 @@ def test_a_429_with_no_budget_known_goes_back_to_one_request() -> None:
     limit = ConcurrencyLimit(64, initial=32, clock=ft.clock)
     limit.on_rate_limited(limits_known=False)
     assert limit.limit == 1
-    limit.on_success(limits_known=False)
+    limit.on_success()
     assert limit.limit == 1  # held for the second after the 429
     ft.now = 1.0
     for _ in range(20):
-        limit.on_success(limits_known=False)
+        limit.on_success()
     assert limit.limit == 16  # +2 a success, up to half of 32, then +1 a window
 
 
@@ -508,7 +501,7 @@ def test_a_blind_429_does_not_shorten_an_overload_hold() -> None:
     ft.now = 1.0
     limit.on_rate_limited(limits_known=False)  # would hold until 2.0 alone
     ft.now = 3.0
-    limit.on_success(limits_known=False)
+    limit.on_success()
     assert limit.limit == 1
 
 
