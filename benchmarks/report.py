@@ -326,10 +326,11 @@ class Page:
             f" {_best_fraction(res.rows):.1%}. {_median_of(res.latency_rounds)}.",
             "",
             "Against a remote server batchrun sends its first request alone, so"
-            " that a provider's rate-limit headers are known before any burst:"
-            f" one round trip ({LATENCY_MS} ms, about"
-            f" {LATENCY_MS / 1000 / (res.rows / bound):.1%} of this bound) per"
-            " run. The simulator here listens on a loopback address, which has"
+            " that a provider's rate-limit headers are known before any burst,"
+            " then slow-starts from 32 requests in flight: about three round"
+            f" trips ({3 * LATENCY_MS:,} ms, about"
+            f" {3 * LATENCY_MS / 1000 / (res.rows / bound):.1%} of this bound)"
+            " per run. The simulator here listens on a loopback address, which has"
             " no provider limits to learn, so batchrun sends its first"
             f" {LATENCY_CONCURRENCY} requests together, as bare aiohttp does.",
             "",
