@@ -136,13 +136,18 @@ def ratio_spread(
     return f"{median} ({low:.2f}-{high:.2f})"
 
 
-def spread(runs: Sequence[Measurement], value: Callable[[Measurement], float]) -> str:
-    """``median (min-max)`` of a value over runs, as whole numbers."""
+def spread(
+    runs: Sequence[Measurement],
+    value: Callable[[Measurement], float],
+    fmt: str = ",.0f",
+) -> str:
+    """``median (min-max)`` of a value over runs, each formatted with ``fmt``
+    (whole numbers by default)."""
     values = [value(run) for run in runs]
-    median = f"{statistics.median(values):,.0f}"
+    median = format(statistics.median(values), fmt)
     if len(values) == 1:
         return median
-    return f"{median} ({min(values):,.0f}-{max(values):,.0f})"
+    return f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -338,7 +343,7 @@ class Page:
         rows = [
             [
                 name,
-                _window(r),
+                spread(r, lambda m: m.window_s, ".3f"),
                 spread(r, lambda m: m.rows / m.window_s),
                 f"{statistics.median(bound_fraction(m) for m in r):.1%}",
                 f"{min(m.server_peak_in_flight for m in r)}",
@@ -575,15 +580,6 @@ class Page:
             " succeeded and the server counted exactly one request per row.",
             "",
         ]
-
-
-def _window(runs: Sequence[Measurement]) -> str:
-    """Median window in seconds to the millisecond, with the range."""
-    windows = [m.window_s for m in runs]
-    median = f"{statistics.median(windows):.3f}"
-    if len(windows) == 1:
-        return median
-    return f"{median} ({min(windows):.3f}-{max(windows):.3f})"
 
 
 def _median_of(rounds: int) -> str:

@@ -410,8 +410,9 @@ def test_concurrency_slow_start_grows_by_two_per_success() -> None:
 
 
 def test_probe_opens_slow_start() -> None:
-    """One request alone; its success starts slow start at ``initial``, whether
-    or not the server stated a limit, and only the probe's answer does."""
+    """One request alone; its success starts slow start at ``initial`` (the
+    limit is not told whether the server stated a budget), and only the
+    probe's answer does so."""
     ft = FakeTime()
     limit = ConcurrencyLimit(64, initial=8, clock=ft.clock, probe=True)
     assert limit.limit == 1
