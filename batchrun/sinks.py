@@ -257,15 +257,18 @@ class PartWriter:
         seconds in a row, are turned into microseconds in Python: Arrow's own
         multiply and cast need pyarrow.compute, whose import costs about 45 ms
         of CPU a run, and these two columns cost about 0.3 us a row. A row
-        journaled without a newer column (an earlier version's journal) gets a
-        null.
+        journaled without a newer column (an earlier version's journal), or
+        with a null timestamp, gets a null.
         """
         structs = pa.array(rows, _ROW_TYPE)
         arrays = []
         for field, column in zip(RESULT_SCHEMA, structs.flatten(), strict=True):
             if field.type == _TS:
                 name = field.name
-                micros = [int(row[name] * 1_000_000) for row in rows]
+                micros = [
+                    None if (t := row.get(name)) is None else int(t * 1_000_000)
+                    for row in rows
+                ]
                 column = pa.array(micros, _TS)
             arrays.append(column)
         for field in self._added:

@@ -158,4 +158,7 @@ def test_a_part_takes_each_value_from_its_own_column(tmp_path: Path) -> None:
     table = writer.table([rows[0], old])
     assert table.column("http_status").to_pylist() == [200, None]
     assert table.column("completion").to_pylist() == ["c0", "c1"]
+    unknown = dict(rows[2], finished_at=None)
+    table = writer.table([rows[0], unknown])
+    assert table.column("finished_at").null_count == 1
     assert writer.table([]).num_rows == 0
