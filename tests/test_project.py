@@ -11,6 +11,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _python(
+    script: str, out: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new interpreter with ``out`` as its one argument."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"```bash\n(.*?)```", text, re.S)
@@ -67,13 +80,8 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
 
     def command(chosen: str | None) -> list[str]:
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(tmp_path / "missing")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env if chosen is None else {**env, "ARROW_DEFAULT_MEMORY_POOL": chosen},
-        )
+        pool = {} if chosen is None else {"ARROW_DEFAULT_MEMORY_POOL": chosen}
+        done = _python(script, tmp_path / "missing", {**env, **pool})
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
@@ -87,12 +95,8 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         f"['batchrun', 'run', {str(inp)!r}, '-o', sys.argv[1], '--provider',"
         " 'mock', '--quiet']",
     )
-    done = subprocess.run(
-        [sys.executable, "-c", run, str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"},
+    done = _python(
+        run, tmp_path / "out", {**env, "ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}
     )
     assert done.stdout.split()[::4] == ["0", "mimalloc"], done.stderr
     assert done.stdout.split()[-1] == "True", "a run freezes the loaded modules"
@@ -108,13 +112,7 @@ def test_the_command_tunes_its_own_process_only(tmp_path: Path) -> None:
         "print('pyarrow' in sys.modules, numpy is not None, gc.get_threshold()[0],"
         " pool != 'system', gc.get_freeze_count(), gc.isenabled())"
     )
-    library = subprocess.run(
-        [sys.executable, "-c", check, str(tmp_path / "library")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    library = _python(check, tmp_path / "library", env)
     expected = ["True", "True", "700", "True", "0", "True"]
     assert library.stdout.split() == expected, library.stderr
 
@@ -133,10 +131,5 @@ def test_a_run_does_not_import_pyarrow_compute(tmp_path: Path) -> None:
         "print(code, 'pyarrow.parquet' in sys.modules,"
         " 'pyarrow.compute' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _python(script, tmp_path / "out")
     assert done.stdout.split() == ["0", "True", "False"], done.stderr
