@@ -123,6 +123,19 @@ def _open_jsonl(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
+# Editors and exports on Windows often start a UTF-8 file with one.
+_BOM = b"\xef\xbb\xbf"
+_ONE_PER_LINE = "JSON Lines holds one object per line"
+_JSON_NAMES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
+
+
 def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
     name = str(path)
     rows: list[dict[str, Any]] = []
@@ -131,19 +144,22 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
     try:
         with _open_jsonl(path) as handle:
             for number, line in enumerate(handle, start=1):
+                if number == 1 and line.startswith(_BOM):
+                    line = line[len(_BOM) :]
                 if not line.strip():
                     continue
                 try:
                     row = loads(line)
                 except orjson.JSONDecodeError as exc:
                     raise InputError(
-                        f"malformed JSON: {exc}", path=name, line=number
+                        _malformed(line, number, exc), path=name, line=number
                     ) from exc
                 if not isinstance(row, dict):
+                    got = _JSON_NAMES.get(type(row), type(row).__name__)
+                    if number == 1 and isinstance(row, list):
+                        got += f" ({_ONE_PER_LINE}: convert with jq -c '.[]')"
                     raise InputError(
-                        f"expected a JSON object, got {type(row).__name__}",
-                        path=name,
-                        line=number,
+                        f"expected a JSON object, got {got}", path=name, line=number
                     )
                 rows.append(row)
                 numbers.append(number)
@@ -154,6 +170,17 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
         raise InputError(f"cannot read file: {exc}", path=name) from exc
     if rows:
         yield RowBatch(name, rows, numbers, "line")
+
+
+def _malformed(line: bytes, number: int, exc: orjson.JSONDecodeError) -> str:
+    """The message for a line that is not JSON, with a hint for the usual cause:
+    a JSON document (an array, a pretty-printed object) rather than JSON Lines."""
+    start = line.lstrip()[:1]
+    if number == 1 and start == b"[":
+        return f"the file is a JSON array; {_ONE_PER_LINE} (convert with jq -c '.[]')"
+    if line.strip() == b"{":
+        return f"an object spread over several lines; {_ONE_PER_LINE} (jq -c .)"
+    return f"malformed JSON: {exc}"
 
 
 def _parquet_batches(

@@ -105,10 +105,41 @@ def test_jsonl_non_object_line(tmp_path: Path) -> None:
     """A line that is valid JSON but not an object is an InputError with its line."""
     path = tmp_path / "in.jsonl"
     path.write_text('{"a": 1}\n\n[1, 2]\n')
-    with pytest.raises(InputError, match="expected a JSON object") as info:
+    with pytest.raises(InputError, match="JSON object, got an array") as info:
         list(iter_batches([path]))
     assert info.value.line == 3
     assert info.value.path == str(path)
+    assert "jq" not in str(info.value)  # the format hint is for line 1 only
+
+
+def test_jsonl_utf8_bom_is_skipped(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark at the start of the file is not part of row 1."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": 2}\n')
+    rows, numbers = _all(list(iter_batches([path])))
+    assert rows == [{"a": 1}, {"a": 2}]
+    assert numbers == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ('[\n  {"a": 1},\n  {"a": 2}\n]\n', 1, "the file is a JSON array"),
+        ('[{"a": 1}, {"a": 2}]\n', 1, "got an array (JSON Lines holds one object"),
+        ('{"a": 1}\n{\n  "a": 2\n}\n', 2, "an object spread over several lines"),
+    ],
+)
+def test_json_document_instead_of_json_lines(
+    tmp_path: Path, text: str, line: int, message: str
+) -> None:
+    """A JSON array or a pretty-printed object is named as such, with a fix."""
+    path = tmp_path / "in.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        list(iter_batches([path]))
+    assert message in str(info.value)
+    assert "jq -c" in str(info.value)
+    assert info.value.line == line
 
 
 def test_jsonl_malformed_line(tmp_path: Path) -> None:
