@@ -224,6 +224,7 @@ class RequestBuilder:
         ):
             return  # build() would succeed
         if self._template is not None and not is_batch_row(row):
+            self._model()  # a templated row names no model of its own
             for name in self.template_fields:
                 if name not in row:
                     raise InputError(

@@ -252,6 +252,21 @@ def test_model_required(
     assert "field 'model': no model" in _error_line(capsys)
 
 
+def test_model_required_with_a_template(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A templated run without --model stops before any request, as a plain one
+    does, instead of failing every row."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}, {"text": "b"}])
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--base-url", sim.base_url,
+        "--template", "Say {{ text }}", "--quiet",
+    )  # fmt: skip
+    assert code == 2
+    assert f"{inp}:1: field 'model': no model" in _error_line(capsys)
+    assert sim.state.request_count == 0
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
