@@ -109,6 +109,11 @@ class Caller:
         self._waits: set[anyio.CancelScope] = set()
         self._abandoning = False
 
+    @property
+    def backing_off(self) -> int:
+        """Rows waiting out a retry backoff now."""
+        return len(self._waits)
+
     def abandon_waits(self) -> None:
         """End every backoff now, and every later one at once: the run is stopping.
 

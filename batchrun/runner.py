@@ -72,7 +72,14 @@ from .sinks import (
     write_usage,
 )
 from .sources import RowBatch, expand_inputs, iter_batches
-from .stats import Clock, Progress, RunStats, StatsCollector, make_progress
+from .stats import (
+    Clock,
+    Progress,
+    RunStats,
+    StatsCollector,
+    live_note,
+    make_progress,
+)
 
 __all__ = ["MOCK_MODEL", "arun", "run"]
 
@@ -508,14 +515,14 @@ class _Run:
             progress.refresh(self.stats)
 
     def _note(self) -> str:
-        """Limiter state for the progress display."""
-        note = f"conc={self.concurrency.limit}"
-        waiting = self.limiter.waiting()
-        if waiting > 0:
-            note += f" waiting {waiting:.0f}s (rate limit)"
-        if self.stopped_by is not None:
-            note += f" stopping ({self.stopped_by})"
-        return note
+        """The pool's state for the progress display."""
+        return live_note(
+            in_flight=self.concurrency.in_flight,
+            limit=self.concurrency.limit,
+            backing_off=0 if self.caller is None else self.caller.backing_off,
+            waiting_s=self.limiter.waiting(),
+            stopping=self.stopped_by,
+        )
 
     def _next_batch(
         self, batches: Iterator[RowBatch], position: int

@@ -30,6 +30,7 @@ __all__ = [
     "RunStats",
     "StatsCollector",
     "TqdmProgress",
+    "live_note",
     "make_progress",
 ]
 
@@ -449,6 +450,36 @@ class NullProgress:
 
 def _no_note() -> str:
     return ""
+
+
+def live_note(
+    *,
+    in_flight: int,
+    limit: int,
+    backing_off: int = 0,
+    waiting_s: float = 0.0,
+    stopping: str | None = None,
+) -> str:
+    """What the pool is doing now, for the progress display.
+
+    A run near its end with one slow request, or with rows sitting out their
+    backoff, shows it here instead of looking hung.
+
+    Args:
+        in_flight: Requests sent and not yet answered.
+        limit: The current concurrency limit.
+        backing_off: Rows waiting out a retry backoff.
+        waiting_s: Seconds left in a rate-limit pause.
+        stopping: The signal the run is stopping for, if any.
+    """
+    note = f"in flight {in_flight}/{limit}"
+    if backing_off:
+        note += f", {backing_off} backing off"
+    if waiting_s > 0:
+        note += f", waiting {waiting_s:.0f}s (rate limit)"
+    if stopping is not None:
+        note += f", stopping ({stopping})"
+    return note
 
 
 def _rates(stats: StatsCollector, session: GroupStats) -> tuple[float, float]:

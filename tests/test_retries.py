@@ -24,8 +24,9 @@ from batchrun import (
     RunStats,
     arun,
 )
-from batchrun.config import RateLimits, RetryPolicy
+from batchrun.config import ProgressMode, RateLimits, RetryPolicy
 from batchrun.journal import read_segment, segments
+from batchrun.retry import Sleep
 from batchrun.simulator import ScriptedResponse, SimulatorHandle
 
 from .helpers import (
@@ -50,6 +51,8 @@ async def _run(
     params: dict[str, Any] | None = None,
     timeout_s: float = 30.0,
     probe: bool | None = True,
+    progress: ProgressMode = "off",
+    sleep: Sleep | None = None,
 ) -> RunStats:
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     # The simulator stands in for a remote provider here: it probes (which a
@@ -64,9 +67,9 @@ async def _run(
         concurrency=concurrency,
         limits=limits or RateLimits(),
         retry=retry or RetryPolicy(),
-        progress="off",
+        progress=progress,
     )
-    return await arun(config, clock=vt.clock, sleep=vt.sleep)
+    return await arun(config, clock=vt.clock, sleep=sleep or vt.sleep)
 
 
 def _usage(tmp_path: Path) -> dict[str, Any]:
@@ -106,6 +109,40 @@ async def test_500_500_200(local_sim: LocalSimFactory, tmp_path: Path) -> None:
     usage = _usage(tmp_path)
     assert usage["server_errors"] == 2
     assert usage["attempts"] == 6
+
+
+async def test_progress_shows_rows_backing_off(
+    local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row sitting out its backoff shows in the progress line, with the
+    requests in flight: a run that waits only on retries does not look hung."""
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    shown = anyio.Event()
+    err: list[str] = []
+
+    async def backoff(seconds: float) -> None:
+        # Past the display's 10 s between lines, then held until one is shown.
+        vt.offset += 11
+        await shown.wait()
+
+    async def watch() -> None:
+        with anyio.fail_after(20):
+            while "backing off" not in "".join(err):
+                await anyio.sleep(0.05)
+                err.append(capsys.readouterr().err)
+        shown.set()
+
+    rows = [{"id": "a", "prompt": "flaky [[sim:fail=500]]"}, *prompts(1)]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        stats = await _run(
+            sim, rows, tmp_path, vt, progress="lines", sleep=backoff, probe=None
+        )
+    line = next(x for x in "".join(err).splitlines() if "backing off" in x)
+    assert line.startswith("batchrun: 1/2 rows, ok=1 failed=0")
+    assert "in flight 0/4, 1 backing off" in line
+    assert stats.succeeded == 2
 
 
 async def test_503_retry_after_is_honoured(

@@ -20,6 +20,7 @@ from batchrun.stats import (
     RunStats,
     StatsCollector,
     TqdmProgress,
+    live_note,
     make_progress,
 )
 
@@ -285,6 +286,17 @@ def test_line_progress_without_total() -> None:
     assert "eta" not in line
     progress.close(stats)
     assert out.getvalue() == line
+
+
+def test_live_note() -> None:
+    """The pool's state: requests in flight always, the rest only when it applies."""
+    assert live_note(in_flight=3, limit=32) == "in flight 3/32"
+    note = live_note(
+        in_flight=0, limit=16, backing_off=2, waiting_s=4.6, stopping="SIGINT"
+    )
+    assert note == (
+        "in flight 0/16, 2 backing off, waiting 5s (rate limit), stopping (SIGINT)"
+    )
 
 
 def test_make_progress_off() -> None:
