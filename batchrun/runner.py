@@ -59,6 +59,7 @@ from .scan import Scan, locate, scan_inputs
 from .sinks import (
     MANIFEST_FILE,
     USAGE_FILE,
+    OutputLock,
     PartWriter,
     Row,
     clear_output,
@@ -273,6 +274,14 @@ class _Run:
         self.scan = scan = await anyio.to_thread.run_sync(
             scan_inputs, self.files, self.builder, [b for _, b in self.cells]
         )
+        lock = await anyio.to_thread.run_sync(OutputLock.acquire, self.out_dir)
+        try:
+            return await self._execute_locked(scan, handle_signals)
+        finally:
+            lock.release()
+
+    async def _execute_locked(self, scan: Scan, handle_signals: bool) -> RunStats:
+        cfg = self.config
         await anyio.to_thread.run_sync(self._open_output, scan)
         status, error = "aborted", None
         try:

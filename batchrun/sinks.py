@@ -19,17 +19,19 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .journal import JOURNAL_DIR
 from .records import Result
 
 __all__ = [
+    "LOCK_FILE",
     "LOG_KEY",
     "MANIFEST_FILE",
     "RESULTS_DIR",
     "RESULT_SCHEMA",
     "USAGE_FILE",
     "USAGE_SCHEMA",
+    "OutputLock",
     "PartWriter",
     "Row",
     "clear_output",
@@ -55,6 +57,7 @@ COMPACT_MIN_PARTS = 32
 Row = dict[str, Any]
 USAGE_FILE = "usage.parquet"
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".batchrun.lock"
 
 _TS = pa.timestamp("us", tz="UTC")
 _CHOICE = pa.struct(
@@ -530,6 +533,67 @@ def has_output(out_dir: Path) -> bool:
         (out_dir / sub).is_dir() and any((out_dir / sub).iterdir())
         for sub in (RESULTS_DIR, JOURNAL_DIR)
     )
+
+
+class OutputLock:
+    """One run at a time in an ``OUT`` directory.
+
+    Two runs into one ``OUT`` (the same command started twice, or a scheduler
+    retrying a job that is still alive) would both send every row not yet
+    done, paying twice, and would write over each other's journal segments.
+    The lock is an exclusive ``flock`` on ``OUT/.batchrun.lock``, held for the
+    whole run. The kernel lets it go when the process ends however it ends, so
+    a killed run never leaves a stale lock. The file stays: deleting it would
+    let a third run lock a new file while a second still holds the old one.
+
+    Use ``OutputLock.acquire(out_dir)``, then ``release()``.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, out_dir: Path) -> OutputLock:
+        """Create ``OUT`` if needed and lock it. Blocking, but never waits.
+
+        Raises:
+            InputError: Another run holds ``OUT``: names its pid.
+            OutputError: ``OUT`` cannot be created.
+        """
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; one run at a time is up to you
+            return cls(None)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise OutputError(f"cannot write in {out_dir}: {reason}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise InputError(
+                f"another batchrun run is writing here{pid}; let it finish, or"
+                " stop it and run again to resume",
+                path=str(out_dir),
+            ) from None
+        except OSError:
+            # A filesystem without locks: run unlocked rather than not at all.
+            os.close(fd)
+            return cls(None)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd)
+
+    def release(self) -> None:
+        """Let the next run in (closing the file drops the lock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def clear_output(out_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from batchrun.cli import main
 from batchrun.simulator import SimulatorHandle
+from batchrun.sinks import OutputLock
 
 from .helpers import (
     SimFactory,
@@ -306,6 +308,33 @@ def test_other_input_into_same_output_is_refused(
     assert len(read_results(out)) == 3
     assert run_against(sim, second, out, "--overwrite") == 0
     assert [r["id"] for r in read_results(out)] == ["b-0", "b-1"]
+
+
+def test_an_out_in_use_is_refused(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While a run holds OUT, a second one (even with --overwrite) stops before
+    any request and leaves OUT as it was; once the first ends, it resumes."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out) == 0
+    sent = sim.state.request_count
+    lock = OutputLock.acquire(out)  # a run in progress, as far as OUT can tell
+    try:
+        for extra in ((), ("--overwrite",)):
+            assert run_against(sim, inp, out, *extra) == 2
+            line = _error_line(capsys)
+            assert (
+                f"{out}: another batchrun run is writing here (pid {os.getpid()})"
+                in line
+            )
+            assert len(read_results(out)) == 3
+    finally:
+        lock.release()
+    assert sim.state.request_count == sent
+    assert run_against(sim, inp, out) == 0  # every row was done: nothing sent
+    assert sim.state.request_count == sent
+    assert len(read_results(out)) == 3
 
 
 def test_summary_and_line_progress(
