@@ -408,7 +408,7 @@ class _Run:
                 rows = list(read_segment(path))
                 if rows:
                     sink.write(number, rows)
-                    self.stats.record(rows)
+                    self.stats.record_earlier(rows)
                     self.parts_through = number
                     self.durable_stats = self.stats.dump()
                     self._write_manifest("running")

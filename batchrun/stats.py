@@ -266,6 +266,13 @@ class StatsCollector:
         for key, members in by_key.items():
             self._group(key).add_rows(members)
 
+    def record_earlier(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Count rows an earlier run finished but never counted: the rows it
+        left in its journal, which this run rolls into parts. They are part of
+        the output's totals, not of this run's ``session``."""
+        self.record(rows)
+        self._prior.add_rows(rows)
+
     def _group(self, key: tuple[Any, ...]) -> GroupStats:
         """The counters of (variant, model, endpoint), created on first use."""
         variant, model, endpoint = key

@@ -149,9 +149,10 @@ def test_positional_ids_with_changed_input_are_refused(
 
 
 def test_journal_rows_are_recovered_and_torn_tail_ignored(
-    sim: SimulatorHandle, tmp_path: Path
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Rows only in the journal count as done on resume; a torn last line does not."""
+    """Rows only in the journal count as done on resume, by the run that did them
+    (not in the resumed run's summary); a torn last line does not count."""
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(6))
     out = tmp_path / "out"
     assert run_against(sim, inp, out) == 0
@@ -177,8 +178,13 @@ def test_journal_rows_are_recovered_and_torn_tail_ignored(
     torn = b"".join(lines)[:-7]
     (journal / "seg-00000.jsonl").write_bytes(torn)
     before = sim.state.snapshot(prompts=True)["prompt_counts"]
+    capsys.readouterr()
 
-    assert run_against(sim, inp, out) == 0
+    resume = ("run", inp, "-o", out, "--base-url", sim.base_url, "--model", "m")
+    assert run_cli(*resume, "--progress", "off") == 0
+    summary = capsys.readouterr().err
+    assert "3 rows: 3 ok, 0 failed (3 requests)" in summary
+    assert "resumed: 3 already done and skipped, 0 retried, 3 new" in summary
     after = _counts(sim)
     results = read_results(out)
     assert [r["id"] for r in results] == sorted(f"row-{i}" for i in range(6))
