@@ -130,8 +130,7 @@ class Journal:
                 os.fsync(self._fd)
         except OSError as exc:
             raise OutputError(
-                f"cannot write the journal in {self.journal_dir}:"
-                f" {exc.strerror or exc}"
+                f"cannot write the journal in {self.journal_dir}: {exc.strerror or exc}"
             ) from exc
 
     def rotate(self, number: int) -> None:

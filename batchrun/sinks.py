@@ -99,6 +99,7 @@ USAGE_SCHEMA = pa.schema(
         ("requests", pa.int64()),
         ("succeeded", pa.int64()),
         ("failed", pa.int64()),
+        ("truncated", pa.int64()),
         ("attempts", pa.int64()),
         ("retries", pa.int64()),
         ("rate_limited", pa.int64()),

@@ -40,6 +40,7 @@ _COUNTERS = (
     "requests",
     "succeeded",
     "failed",
+    "truncated",
     "attempts",
     "retries",
     "rate_limited",
@@ -55,6 +56,7 @@ _BINS_PER_E = 100
 
 _KEY = itemgetter("variant", "model", "endpoint")
 _STATUS = itemgetter("status")
+_FINISH_REASON = itemgetter("finish_reason")
 _ATTEMPTS = itemgetter("attempts")
 _LOG = methodcaller("get", LOG_KEY)
 _PROMPT_TOKENS = itemgetter("prompt_tokens")
@@ -110,6 +112,8 @@ class GroupStats:
     requests: int = 0
     succeeded: int = 0
     failed: int = 0
+    # Answers that stopped at max_tokens (finish_reason "length").
+    truncated: int = 0
     attempts: int = 0
     retries: int = 0
     rate_limited: int = 0
@@ -131,6 +135,7 @@ class GroupStats:
         succeeded = list(map(_STATUS, rows)).count("ok")
         self.succeeded += succeeded
         self.failed += n - succeeded
+        self.truncated += list(map(_FINISH_REASON, rows)).count("length")
         attempts = list(map(_ATTEMPTS, rows))
         self.attempts += sum(attempts)
         logs = list(map(_LOG, rows))
@@ -203,6 +208,7 @@ class GroupStats:
             "requests": self.requests,
             "succeeded": self.succeeded,
             "failed": self.failed,
+            "truncated": self.truncated,
             "attempts": self.attempts,
             "retries": self.retries,
             "rate_limited": self.rate_limited,
@@ -353,6 +359,8 @@ class RunStats:
         succeeded: Of those, rows with status ``ok``.
         failed: Of those, rows with status ``error``.
         attempts: HTTP requests made by this run.
+        truncated: Rows whose answer stopped at ``max_tokens`` (finish_reason
+            ``length``; for ``n`` > 1, the first choice).
         prompt_tokens, completion_tokens, total_tokens: Billed in this run,
             as the server reported them.
         wall_s: Seconds this run took.
@@ -377,6 +385,7 @@ class RunStats:
     retried: int = 0
     new: int = 0
     stopped_by: str | None = None
+    truncated: int = 0
 
     @property
     def requests_per_s(self) -> float:
@@ -410,6 +419,7 @@ class RunStats:
             retried=retried,
             new=new,
             stopped_by=stopped_by,
+            truncated=t.truncated,
         )
 
     def summary(self) -> str:
@@ -423,6 +433,11 @@ class RunStats:
             lines.append(
                 f"resumed: {self.skipped} already done and skipped,"
                 f" {self.retried} retried, {self.new} new"
+            )
+        if self.truncated:
+            lines.append(
+                f"{self.truncated} of {self.succeeded} answers stopped at max_tokens"
+                " (finish_reason length); raise --max-tokens to let them finish"
             )
         lines += [
             f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion"

@@ -353,10 +353,13 @@ def test_summary_and_line_progress(
         "m",
         "--progress",
         "lines",
+        "--max-tokens",
+        "4",
     )
     assert code == 0
     err = capsys.readouterr().err
     assert "4 rows: 4 ok, 0 failed" in err
+    assert "4 of 4 answers stopped at max_tokens (finish_reason length)" in err
     assert str(tmp_path / "out" / "results") in err
 
 

@@ -46,6 +46,7 @@ def _result(
     usage: Usage | None = None,
     attempts: int = 1,
     latency_s: float = 0.5,
+    finish_reason: str = "stop",
 ) -> Row:
     ok = status == "ok"
     result = Result(
@@ -58,7 +59,9 @@ def _result(
         started_at=0.0,
         finished_at=latency_s,
         error=None if ok else "PermanentError: HTTP 400",
-        body={"choices": [{"text": "c", "finish_reason": "stop"}]} if ok else None,
+        body={"choices": [{"text": "c", "finish_reason": finish_reason}]}
+        if ok
+        else None,
     )
     return result_row(result, raw=True, kept_names={})
 
@@ -243,6 +246,25 @@ def test_run_stats_from_collector(tmp_path: Path) -> None:
     assert run.wall_s == 4.0
     assert run.requests_per_s == 0.5
     assert "2 rows: 1 ok, 1 failed" in run.summary()
+
+
+def test_answers_stopped_at_max_tokens_are_counted() -> None:
+    """Rows whose answer ran into max_tokens are counted per group, kept across
+    a resume, and named in the summary only when there are some."""
+    clock = FakeClock()
+    stats = StatsCollector(clock=clock)
+    rows = [_result(finish_reason="length") for _ in range(3)]
+    rows += [_result(), _result(), _result(status="error")]
+    stats.record(rows)
+    assert stats.total.truncated == 3
+    assert stats.usage_rows()[-1]["truncated"] == 3
+    summary = RunStats.from_collector(stats, Path("out")).summary()
+    assert "3 of 5 answers stopped at max_tokens" in summary
+    resumed = StatsCollector(clock=clock)
+    resumed.restore(stats.dump())
+    assert resumed.total.truncated == 3
+    assert resumed.session.truncated == 0
+    assert "max_tokens" not in RunStats.from_collector(resumed, Path("out")).summary()
 
 
 # --- progress -----------------------------------------------------------------
