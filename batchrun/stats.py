@@ -437,7 +437,7 @@ class RunStats:
         if self.truncated:
             lines.append(
                 f"{self.truncated} of {self.succeeded} answers stopped at max_tokens"
-                " (finish_reason length); raise --max-tokens to let them finish"
+                " (finish_reason length)"
             )
         lines += [
             f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
