@@ -8,9 +8,11 @@ error) to the most specific ``APIError``. It does not retry or wait.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import os
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -20,7 +22,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from .config import Endpoint
+from .config import Endpoint, is_loopback
 from .errors import (
     APIConnectionError,
     APIError,
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from aiohttp.connector import Connection
     from aiohttp.tracing import Trace
 
-__all__ = ["APIClient", "Reply", "parse_retry_after"]
+__all__ = ["APIClient", "Reply", "env_proxy", "parse_retry_after"]
 
 _PATHS: Mapping[Endpoint, str] = {
     "completions": "/completions",
@@ -252,6 +254,42 @@ def grow_descriptor_table(size: int) -> None:
         os.close(spare)
 
 
+def env_proxy(base_url: str) -> tuple[URL | None, dict[str, str] | None]:
+    """The proxy the environment names for ``base_url``, and its headers.
+
+    ``HTTPS_PROXY`` / ``HTTP_PROXY`` (either case) and ``NO_PROXY``, as curl,
+    requests and httpx read them, through urllib (which on macOS and Windows
+    also reads the system's settings). A server on this machine never goes
+    through a proxy. This is read once, for the whole run: aiohttp's own
+    ``trust_env`` looks the proxy up again, in a thread, for every request.
+
+    Returns:
+        The proxy's URL without credentials, and a ``Proxy-Authorization``
+        header when the URL held some; ``(None, None)`` for no proxy.
+
+    Raises:
+        ConfigError: The proxy is not an ``http://`` URL (aiohttp tunnels
+            https through an http proxy, and knows no other kind).
+    """
+    url = URL(base_url)
+    host = url.host
+    if host is None or is_loopback(host) or urllib.request.proxy_bypass(host):
+        return None, None
+    named = urllib.request.getproxies().get(url.scheme)
+    if not named:
+        return None, None
+    proxy = URL(named if "://" in named else f"http://{named}")
+    shown = proxy.with_user(None)  # never print or send on a password
+    if proxy.scheme != "http":
+        raise ConfigError(
+            f"{url.scheme}_proxy {shown}: only http:// proxies are supported"
+        )
+    if proxy.user is None:
+        return shown, None
+    token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode())
+    return shown, {"Proxy-Authorization": f"Basic {token.decode()}"}
+
+
 class APIClient:
     """Posts request bodies to an OpenAI-compatible server.
 
@@ -281,6 +319,8 @@ class APIClient:
         self._session: aiohttp.ClientSession | None = None
         # Parsed once: aiohttp would parse a str URL on every request.
         self._urls = {name: URL(self.base_url + path) for name, path in _PATHS.items()}
+        # Passed with each request: aiohttp 3.11 and older take no session-wide one.
+        self._proxy, self._proxy_headers = env_proxy(self.base_url)
 
     async def __aenter__(self) -> Self:
         # Every header aiohttp would add is set here: with skip_auto_headers
@@ -350,7 +390,9 @@ class APIClient:
         data = body if isinstance(body, bytes) else orjson.dumps(body)
         deadlines = self._deadlines
         try:
-            async with session.post(url, data=data) as response:
+            async with session.post(
+                url, data=data, proxy=self._proxy, proxy_headers=self._proxy_headers
+            ) as response:
                 raw = await response.read()
                 status = response.status
                 headers = response.headers

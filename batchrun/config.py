@@ -34,6 +34,7 @@ __all__ = [
     "RetryPolicy",
     "RunConfig",
     "Variant",
+    "is_loopback",
 ]
 
 Endpoint = Literal["completions", "chat"]
@@ -129,10 +130,11 @@ class EndpointConfig:
             return self.probe
         if self.base_url is None:
             return False  # the simulator
-        return not _is_loopback(urlsplit(self.base_url).hostname)
+        return not is_loopback(urlsplit(self.base_url).hostname)
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine: ``localhost`` or a loopback address."""
     if host is None:
         return False
     if host.lower() == "localhost":

@@ -12,14 +12,17 @@ import email.utils
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from yarl import URL
 
-from batchrun.client import APIClient, Reply, parse_retry_after
+from batchrun.client import APIClient, Reply, env_proxy, parse_retry_after
 from batchrun.errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
+    ConfigError,
     FatalAPIError,
     MalformedResponseError,
     PermanentError,
@@ -29,7 +32,15 @@ from batchrun.errors import (
 )
 from batchrun.simulator import ScriptedResponse, SimulatorHandle
 
-from .helpers import SimFactory, closed_port_url
+from .helpers import (
+    SimFactory,
+    closed_port_url,
+    prompts,
+    read_results,
+    run_against,
+    run_cli,
+    write_jsonl,
+)
 
 BODY = {"model": "m", "prompt": "x"}
 SECRET = "sk-test-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -441,3 +452,69 @@ def test_growing_the_table_leaves_descriptors_in_use_alone() -> None:
     """The descriptor at the top of the new table, open already, stays open."""
     _, after = _grow_table(soft=4096, used=999)
     assert after >= 1000
+
+
+# --- proxies ------------------------------------------------------------------
+
+_PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+
+
+@pytest.fixture
+def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No proxy settings from the machine running the tests."""
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def test_requests_go_through_the_environments_proxy(
+    sim: SimulatorHandle, tmp_path: Path, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """With HTTP_PROXY set, every request goes to the proxy, which reaches a
+    host this machine cannot resolve (the simulator stands in for the proxy,
+    answering the absolute-form requests a proxy receives)."""
+    clean_proxy_env.setenv("HTTP_PROXY", sim.base_url.removesuffix("/v1"))
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--base-url",
+        "http://api.example.invalid/v1", "--model", "m", "--quiet",
+        "--max-attempts", "1",  # without the proxy: fail now, not after backoffs
+    )  # fmt: skip
+    assert code == 0
+    assert sim.state.request_count == 5
+    assert len(read_results(tmp_path / "out")) == 5
+
+
+def test_a_server_on_this_machine_bypasses_the_proxy(
+    sim: SimulatorHandle, tmp_path: Path, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """A proxy cannot reach this machine's loopback: requests to it go direct."""
+    clean_proxy_env.setenv("HTTP_PROXY", closed_port_url().removesuffix("/v1"))
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    assert run_against(sim, inp, tmp_path / "out") == 0
+    assert sim.state.request_count == 3
+
+
+def test_env_proxy_reads_no_proxy_and_credentials(
+    clean_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """NO_PROXY exempts a host; credentials in the proxy URL become its auth."""
+    clean_proxy_env.setenv("HTTPS_PROXY", "http://user:pw@proxy.example:3128")
+    clean_proxy_env.setenv("NO_PROXY", "api.internal")
+    assert env_proxy("https://api.internal/v1") == (None, None)
+    assert env_proxy("http://api.example/v1") == (None, None)  # no HTTP_PROXY
+    proxy, headers = env_proxy("https://api.fireworks.ai/inference/v1")
+    assert proxy == URL("http://proxy.example:3128")
+    assert headers == {"Proxy-Authorization": "Basic dXNlcjpwdw=="}  # user:pw
+
+
+def test_env_proxy_refuses_other_kinds_without_showing_the_password(
+    clean_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """A socks proxy is a ConfigError naming the proxy, never its password."""
+    clean_proxy_env.setenv("HTTPS_PROXY", "socks5://user:secret@proxy.example:1080")
+    with pytest.raises(ConfigError, match="only http:// proxies") as info:
+        env_proxy("https://api.openai.com/v1")
+    assert "proxy.example:1080" in str(info.value)
+    assert "secret" not in str(info.value)
