@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import functools
 import os
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -319,8 +321,8 @@ class APIClient:
         self._session: aiohttp.ClientSession | None = None
         # Parsed once: aiohttp would parse a str URL on every request.
         self._urls = {name: URL(self.base_url + path) for name, path in _PATHS.items()}
-        # Passed with each request: aiohttp 3.11 and older take no session-wide one.
         self._proxy, self._proxy_headers = env_proxy(self.base_url)
+        self._post: Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]]
 
     async def __aenter__(self) -> Self:
         # Every header aiohttp would add is set here: with skip_auto_headers
@@ -351,6 +353,17 @@ class APIClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
+        # Through the environment's proxy, if it names one, given with each
+        # request (aiohttp 3.11 and older take no session-wide proxy). Passing
+        # proxy=None to every request instead cost 3.5 thousand instructions a
+        # request (callgrind): aiohttp's post() then forwards a dict of them.
+        self._post = self._session.post
+        if self._proxy is not None:
+            self._post = functools.partial(
+                self._session.post,
+                proxy=self._proxy,
+                proxy_headers=self._proxy_headers,
+            )
         self._deadlines.open()
         return self
 
@@ -383,16 +396,13 @@ class APIClient:
             PermanentError: A 4xx that retrying cannot fix.
             FatalAPIError: 401, 403 or 404: the key, model or URL is wrong.
         """
-        session = self._session
-        if session is None:
+        if self._session is None:
             raise RuntimeError("APIClient used outside 'async with'")
         url = self._urls[endpoint]
         data = body if isinstance(body, bytes) else orjson.dumps(body)
         deadlines = self._deadlines
         try:
-            async with session.post(
-                url, data=data, proxy=self._proxy, proxy_headers=self._proxy_headers
-            ) as response:
+            async with self._post(url, data=data) as response:
                 raw = await response.read()
                 status = response.status
                 headers = response.headers
