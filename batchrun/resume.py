@@ -30,6 +30,7 @@ from .journal import JOURNAL_DIR, read_segment, segments
 from .sinks import (
     MANIFEST_FILE,
     RESULTS_DIR,
+    OutputLock,
     key_of,
     latest_rows,
     list_parts,
@@ -298,9 +299,11 @@ def status_report(out_dir: Path) -> str:
     total = None if rows is None else rows * cells
     state = manifest.get("status", "unknown")
     if state == "running":
+        held = OutputLock.held(out_dir)
+        alive = _alive(manifest.get("pid")) if held is None else held
         state = (
             f"running (pid {manifest.get('pid')})"
-            if _alive(manifest.get("pid"))
+            if alive
             else "stopped before finishing (run the same command to resume)"
         )
     files = [p for _, p in list_parts(out_dir / RESULTS_DIR)]

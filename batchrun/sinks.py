@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,6 +59,8 @@ Row = dict[str, Any]
 USAGE_FILE = "usage.parquet"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".batchrun.lock"
+_LOCK_ATTEMPTS = 20
+_LOCK_RETRY_S = 0.01
 
 _TS = pa.timestamp("us", tz="UTC")
 _CHOICE = pa.struct(
@@ -572,7 +575,14 @@ class OutputLock:
             reason = exc.strerror or exc
             raise OutputError(f"cannot write in {out_dir}: {reason}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for attempt in range(_LOCK_ATTEMPTS):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt == _LOCK_ATTEMPTS - 1:
+                        raise
+                    time.sleep(_LOCK_RETRY_S)  # ``held`` looks for an instant
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
@@ -589,6 +599,33 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd)
+
+    @staticmethod
+    def held(out_dir: Path) -> bool | None:
+        """Whether a run holds ``OUT`` now, or ``None`` if that cannot be told
+        (no lock file, as in outputs from before the lock; or no ``flock``).
+
+        Unlike the pid in the manifest, this cannot be fooled by a pid reused
+        by another process, or by a killed run left unreaped. It takes a shared
+        lock for an instant; a run starting in that instant tries again.
+        """
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        try:
+            fd = os.open(out_dir / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # drops the shared lock too
+        return False
 
     def release(self) -> None:
         """Let the next run in (closing the file drops the lock)."""

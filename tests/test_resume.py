@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from batchrun.journal import read_segment, segments
 from batchrun.simulator import SimulatorHandle
+from batchrun.sinks import OutputLock
 
 from .helpers import prompts, read_results, run_against, run_cli, write_jsonl
 
@@ -225,6 +227,31 @@ def test_status_reports_progress(
     seen = sim.state.snapshot()
     assert f"{seen['prompt_tokens']} prompt" in text
     assert "last write: 20" in text
+
+
+def test_status_tells_a_live_run_by_its_lock(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest left saying 'running' is a live run only while OUT's lock is
+    held: a live pid alone (reused, or a killed run not yet reaped) is not one."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(status="running", pid=os.getpid())  # a pid that is alive
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run_cli("status", out) == 0
+    assert "stopped before finishing" in capsys.readouterr().out
+    lock = OutputLock.acquire(out)
+    try:
+        assert run_cli("status", out) == 0
+        assert f"running (pid {os.getpid()})" in capsys.readouterr().out
+        assert OutputLock.held(out) is True
+    finally:
+        lock.release()
+    assert OutputLock.held(out) is False
+    assert OutputLock.held(tmp_path / "nothing-here") is None
 
 
 def test_status_of_missing_output(

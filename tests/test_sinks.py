@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from pathlib import Path
 
 import orjson
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import pytest
 
+from batchrun.errors import InputError
 from batchrun.journal import Journal, read_segment, segments
-from batchrun.sinks import PartWriter, compact, list_parts
+from batchrun.sinks import LOCK_FILE, OutputLock, PartWriter, compact, list_parts
 
 from .helpers import make_row
 
@@ -162,3 +167,19 @@ def test_a_part_takes_each_value_from_its_own_column(tmp_path: Path) -> None:
     table = writer.table([rows[0], unknown])
     assert table.column("finished_at").null_count == 1
     assert writer.table([]).num_rows == 0
+
+
+def test_output_lock_waits_out_a_look_by_status(tmp_path: Path) -> None:
+    """A run starting while ``status`` holds the lock shared (for an instant)
+    still gets it; a second run while the first holds it does not."""
+    out = tmp_path / "out"
+    OutputLock.acquire(out).release()  # creates the lock file
+    looking = os.open(out / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(looking, fcntl.LOCK_SH)
+    threading.Timer(0.05, os.close, (looking,)).start()
+    lock = OutputLock.acquire(out)
+    try:
+        with pytest.raises(InputError, match="another batchrun run is writing here"):
+            OutputLock.acquire(out)
+    finally:
+        lock.release()
