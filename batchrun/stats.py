@@ -8,6 +8,7 @@ otherwise). This is the only module that imports tqdm. It does no file I/O.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -591,6 +592,17 @@ class LineProgress:
         """Nothing more: the summary follows."""
 
 
+def _has_width(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal a bar can be drawn on. A terminal of
+    no width (a pseudo-terminal nobody sized) makes tqdm draw nothing at all."""
+    if not stream.isatty():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):
+        return True  # a terminal that cannot say: let tqdm find out
+
+
 def make_progress(
     mode: str,
     total: int | None,
@@ -612,7 +624,7 @@ def make_progress(
     """
     out = sys.stderr if stream is None else stream
     if mode == "auto":
-        mode = "bar" if out.isatty() else "lines"
+        mode = "bar" if _has_width(out) else "lines"
     if mode == "bar":
         return TqdmProgress(total, out, note=note)
     if mode == "lines":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
 import random
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -345,6 +349,21 @@ def test_make_progress_auto_on_non_tty_is_lines() -> None:
     clock.advance(2.0)
     progress.refresh(stats)
     assert out.getvalue().startswith("batchrun: 0 rows")
+
+
+@pytest.mark.parametrize(("columns", "kind"), [(0, LineProgress), (80, TqdmProgress)])
+def test_make_progress_auto_on_a_terminal_needs_its_width(
+    columns: int, kind: type
+) -> None:
+    """On a terminal nobody gave a size (tqdm draws nothing there) 'auto' falls
+    back to lines; on one with a width it draws a bar."""
+    main, side = os.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with os.fdopen(side, "w") as terminal:
+        progress = make_progress("auto", 3, stream=terminal, clock=FakeClock())
+        assert isinstance(progress, kind)
+        progress.close(StatsCollector(clock=FakeClock()))
+    os.close(main)
 
 
 def test_tqdm_is_imported_only_for_a_bar() -> None:
