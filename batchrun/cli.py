@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -42,7 +43,7 @@ from .errors import (
     InputError,
     OutputError,
 )
-from .jobfile import Job, inputs_of, load_job, to_tokens
+from .jobfile import Job, inputs_of, load_job, to_tokens, where_in
 
 __all__ = [
     "EXIT_ABORTED",
@@ -530,7 +531,17 @@ def _with_job(
     position = argv.index(args.command) + 1
     inputs = [] if args.inputs else list(inputs_of(job.options))
     merged = [*argv[:position], *inputs, *tokens, *argv[position:]]
-    return parser.parse_args(merged), job
+    try:
+        return parser.parse_args(merged), job
+    except ConfigError as exc:
+        # "argument --max-tokens: invalid int value" about a value from the
+        # file names the file, line and key instead of a flag nobody typed.
+        found = re.match(r"argument (--[\w-]+)(?:/--[\w-]+)?: (.*)", str(exc))
+        by_flag = {flag: dest for dest, flag in flags.items()}
+        dest = by_flag.get(found.group(1)) if found else None
+        if found is None or dest is None or dest in given or dest not in job.options:
+            raise
+        raise ConfigError(f"{where_in(job, dest)}: {dest}: {found.group(2)}") from None
 
 
 def _pricing(args: argparse.Namespace, job: Job | None) -> dict[str, Price]:

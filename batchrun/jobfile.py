@@ -20,7 +20,7 @@ from typing import Any
 from .config import Price, Variant
 from .errors import ConfigError
 
-__all__ = ["Job", "load_job", "to_tokens"]
+__all__ = ["Job", "load_job", "to_tokens", "where_in"]
 
 SECTIONS = ("sweep", "variant", "pricing")
 # Sweep dimensions that are not body parameters.
@@ -56,6 +56,15 @@ def _line_of(text: str, key: str) -> int | None:
 def _where(path: Path, text: str, key: str) -> str:
     line = _line_of(text, key)
     return f"{path}:{line}" if line is not None else str(path)
+
+
+def where_in(job: Job, key: str) -> str:
+    """``FILE:LINE`` of option ``key`` in the job file (``FILE`` if not found)."""
+    try:
+        text = job.path.read_text(encoding="utf-8")
+    except OSError:
+        return str(job.path)
+    return _where(job.path, text, key)
 
 
 def _unknown(

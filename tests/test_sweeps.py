@@ -238,7 +238,11 @@ def test_false_in_a_job_file_is_the_negative_flag() -> None:
         ),
         (
             "model = 'm'\nconcurrency = 'lots'\n",
-            "argument --concurrency: invalid int value",
+            "job.toml:2: concurrency: invalid int value: 'lots'",
+        ),
+        (
+            "model = 'm'\nprogress = 'fancy'\n",
+            "job.toml:2: progress: invalid choice: 'fancy'",
         ),
         (
             "[sweep]\ntemperature = 0.5\n",
