@@ -557,7 +557,14 @@ class Page:
             " compile its modules on every start.",
             "  - **bare aiohttp** (`benchmarks/bare_aiohttp.py`): one"
             " `ClientSession`, C workers, POST and parse the JSON; nothing else."
-            " The practical ceiling.",
+            " The practical ceiling. Its session is set up as batchrun sets up"
+            " its own (headers given once for the session, a URL parsed once, no"
+            " cookie jar, no decompression, no timeout), so that the ratios price"
+            " batchrun's features and not aiohttp's defaults. Until 2026-11-27"
+            " it passed `headers=` with every request and kept aiohttp's"
+            " defaults, which cost it 60 thousand instructions a request more"
+            " (callgrind: 461.5 against 401.7 thousand), so pages measured"
+            " before then show smaller ratios.",
             "  - **openai SDK** (`benchmarks/openai_sdk.py`): `AsyncOpenAI(..."
             " max_retries=0)`, an `asyncio.Semaphore(C)` and one `asyncio.gather`"
             " over `client.completions.create`, with the httpx pool sized to C"
