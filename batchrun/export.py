@@ -83,7 +83,8 @@ def export_results(out_dir: Path, fmt: str, dest: Path) -> int:
 
     Raises:
         ConfigError: ``fmt`` is unknown, ``out_dir`` holds no batchrun run or
-            no results yet, or ``dest`` is one of the files the run owns.
+            no results yet (or, for ``openai-batch``, no raw responses), or
+            ``dest`` is one of the files the run owns.
         OutputError: ``dest`` cannot be written, or a part cannot be read.
     """
     if fmt not in FORMATS:
@@ -91,6 +92,8 @@ def export_results(out_dir: Path, fmt: str, dest: Path) -> int:
             f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}"
         )
     _check_dest(out_dir, dest)
+    if fmt == "openai-batch":
+        _check_raw(out_dir)
     plan = _plan(out_dir)
     write = _WRITERS[fmt]
     written = 0
@@ -143,6 +146,21 @@ class _Plan:
     schema: pa.Schema
     winners: array[int]
     order: pa.Array
+
+
+def _check_raw(out_dir: Path) -> None:
+    """The Batch API format carries each response body as the server sent it:
+    a run with ``--no-raw`` kept none, and every line would say nothing.
+
+    Raises:
+        ConfigError: The run kept no raw responses.
+    """
+    manifest = load_manifest(out_dir)
+    if manifest is not None and manifest.get("raw_response") is False:
+        raise ConfigError(
+            f"{out_dir} was run with --no-raw, and the openai-batch format needs"
+            " the responses as sent; export --format jsonl or parquet instead"
+        )
 
 
 def _plan(out_dir: Path) -> _Plan:

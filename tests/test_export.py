@@ -126,16 +126,18 @@ def test_openai_batch_errormake_row(sim: SimulatorHandle, tmp_path: Path) -> Non
 def test_openai_batch_without_raw_responses(
     sim: SimulatorHandle, tmp_path: Path
 ) -> None:
-    """With --no-raw no body was kept: every response is null, errors remain."""
+    """With --no-raw no body was kept, so the Batch format is refused (every
+    line would have a null response) and the other formats are named; they
+    still export."""
     rows = [*prompts(3), {"id": "bad", "prompt": "Refuse [[sim:status=400]]"}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     assert run_against(sim, inp, out, "--no-raw") == 1
     dest = tmp_path / "batch_output.jsonl"
-    assert export_results(out, "openai-batch", dest) == 4
-    lines = _lines(dest)
-    assert [line["response"] for line in lines] == [None] * 4
-    assert [line["error"] is None for line in lines] == [False, True, True, True]
+    with pytest.raises(ConfigError, match=r"--no-raw.*--format jsonl or parquet"):
+        export_results(out, "openai-batch", dest)
+    assert not dest.exists()
+    assert export_results(out, "jsonl", tmp_path / "rows.jsonl") == 4
 
 
 def test_jsonl_round_trips_ids_and_statuses(
