@@ -271,9 +271,7 @@ class _Run:
         # The simulator in this process holds the other end of each connection.
         make_room_for(cfg.concurrency * (2 if cfg.endpoint.mock else 1))
         self.files = expand_inputs(cfg.inputs)
-        self.scan = scan = await anyio.to_thread.run_sync(
-            scan_inputs, self.files, self.builder, [b for _, b in self.cells]
-        )
+        self.scan = scan = await self._scan()
         lock = await anyio.to_thread.run_sync(OutputLock.acquire, self.out_dir)
         try:
             return await self._execute_locked(scan, handle_signals)
@@ -337,6 +335,23 @@ class _Run:
             new=self.new,
             stopped_by=self.stopped_by,
         )
+
+    async def _scan(self) -> Scan:
+        """The validation pass, in a thread; a cancellation (Ctrl-C) stops it
+        at its next batch instead of waiting for the whole input."""
+        stop = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(
+                scan_inputs,
+                self.files,
+                self.builder,
+                [b for _, b in self.cells],
+                stop,
+                abandon_on_cancel=True,
+            )
+        except anyio.get_cancelled_exc_class():
+            stop.set()
+            raise
 
     def _open_output(self, scan: Scan) -> None:
         """Start afresh or resume; roll any leftover journal into parts. Blocking."""

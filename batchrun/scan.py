@@ -8,6 +8,7 @@ naming the file, line or row, and field.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from .payload import RequestBuilder
 from .sinks import infer_type
 from .sources import IdSet, RowBatch, iter_batches
 
-__all__ = ["Scan", "locate", "scan_inputs"]
+__all__ = ["Scan", "ScanStopped", "locate", "scan_inputs"]
 
 
 def locate(exc: InputError, batch: RowBatch, index: int) -> InputError:
@@ -47,10 +48,15 @@ class Scan:
     positional: bool
 
 
+class ScanStopped(Exception):
+    """The scan was told to stop (the run was interrupted while it read)."""
+
+
 def scan_inputs(
     files: Sequence[Path],
     builder: RequestBuilder,
     cells: Sequence[RequestBuilder] = (),
+    stop: threading.Event | None = None,
 ) -> Scan:
     """Check every row of ``files``. Blocking.
 
@@ -58,9 +64,13 @@ def scan_inputs(
         files: The inputs.
         builder: Gives row ids and kept columns.
         cells: One builder per sweep variant; each row must suit every one.
+        stop: Set from another thread to end the scan at the next batch: a
+            Ctrl-C during the scan of a large input would otherwise wait for
+            all of it (8 s for 6,000,000 short rows).
 
     Raises:
         InputError: The first bad row, or a duplicate id naming both rows.
+        ScanStopped: ``stop`` was set.
     """
     ids = IdSet()
     keep = builder.options.keep_columns
@@ -71,6 +81,8 @@ def scan_inputs(
     checkers = list(cells) or [builder]
     columns = set().union(*(b.columns() for b in [builder, *checkers]))
     for batch in iter_batches(files, columns=columns):
+        if stop is not None and stop.is_set():
+            raise ScanStopped
         batch_ids = []
         for index, row in enumerate(batch.rows):
             try:
