@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_FLUSH_INTERVAL_S",
     "DEFAULT_FLUSH_ROWS",
     "DEFAULT_TIMEOUT_S",
+    "MOCK_MODEL",
     "PROVIDERS",
     "Endpoint",
     "EndpointConfig",
@@ -37,6 +38,7 @@ __all__ = [
     "is_loopback",
 ]
 
+MOCK_MODEL = "mock-model"
 Endpoint = Literal["completions", "chat"]
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
@@ -419,3 +421,10 @@ class RunConfig:
             raise ConfigError(
                 f"progress must be auto, bar, lines or off, got {self.progress!r}"
             )
+
+    def with_mock_model(self) -> RunConfig:
+        """This config, with ``MOCK_MODEL`` for a run on the simulator that
+        names no model (``run`` and ``estimate`` alike)."""
+        if self.endpoint.mock and self.request.model is None:
+            return replace(self, request=replace(self.request, model=MOCK_MODEL))
+        return self

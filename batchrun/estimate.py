@@ -124,6 +124,7 @@ def estimate_run(config: RunConfig) -> Estimate:
     Raises:
         InputError: The same input errors ``run`` would report.
     """
+    config = config.with_mock_model()
     files = expand_inputs(config.inputs)
     plan = cells(config.request, config.variants)
     base = RequestBuilder(config.request)

@@ -16,7 +16,6 @@ and ``stats``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -35,7 +34,7 @@ from ._libc import release_free_memory
 from ._version import __version__
 from .calls import Caller, RowAbandoned, failed_result
 from .client import APIClient, make_room_for
-from .config import RunConfig, Variant
+from .config import MOCK_MODEL, RunConfig, Variant
 from .errors import (
     BatchrunError,
     CircuitBreakerError,
@@ -86,7 +85,6 @@ __all__ = ["MOCK_MODEL", "arun", "run"]
 
 T = TypeVar("T")
 
-MOCK_MODEL = "mock-model"
 _SHUTDOWN_FLUSH_S = 10.0
 _PROGRESS_TICK_S = 1.0
 _GATHER_S = 0.002
@@ -219,9 +217,7 @@ class _Run:
     """The state of one run; ``execute`` drives it."""
 
     def __init__(self, config: RunConfig, clock: Clock, sleep: Sleep) -> None:
-        if config.endpoint.mock and config.request.model is None:
-            request = dataclasses.replace(config.request, model=MOCK_MODEL)
-            config = dataclasses.replace(config, request=request)
+        config = config.with_mock_model()
         self.config = config
         self.clock = clock
         self.sleep = sleep

@@ -304,6 +304,19 @@ def test_estimate_matches_the_run(
         assert "cost: $" in report
 
 
+@pytest.mark.parametrize("template", [None, "Say {{ topic }}"])
+def test_estimate_on_the_simulator_needs_no_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], template: str | None
+) -> None:
+    """With --provider mock, estimate uses the simulator's model as run does,
+    instead of stopping at 'no model'."""
+    rows = [{**row, "prompt": row["topic"]} for row in _rows(3)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    extra = [] if template is None else ["--template", template]
+    assert run_cli("estimate", inp, "--provider", "mock", *extra) == 0
+    assert "requests: 3 rows x 1 variant(s) = 3" in capsys.readouterr().out
+
+
 def test_estimate_reports_cost_and_duration(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
