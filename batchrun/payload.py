@@ -105,7 +105,12 @@ def _record(
 
 def _check_messages(messages: object, field: str) -> list[JSONObject]:
     if not isinstance(messages, list) or not messages:
-        raise InputError("must be a non-empty list of {role, content}", field=field)
+        hint = ""
+        if isinstance(messages, str):  # JSON text, as a CSV-made Parquet holds it
+            hint = ", got text: store the list itself, not its JSON"
+        raise InputError(
+            f"must be a non-empty list of {{role, content}}{hint}", field=field
+        )
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InputError(

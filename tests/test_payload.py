@@ -185,6 +185,15 @@ def test_template_runtime_python_error_is_input_error() -> None:
         builder.build({"count": "one"}, "r2")
 
 
+def test_messages_held_as_json_text_are_named_as_such() -> None:
+    """Messages stored as JSON text (as a CSV-made Parquet file has them) are
+    refused with a hint, not just 'must be a list'."""
+    row = {"messages": '[{"role": "user", "content": "hi"}]'}
+    with pytest.raises(InputError, match="got text: store the list itself") as info:
+        _builder(model="m").build(row, "r1")
+    assert info.value.field == "messages"
+
+
 def test_check_catches_missing_template_column() -> None:
     """check() reports a column the template uses but the row lacks."""
     builder = _builder(template="{{ a }} and {{ b }}")
