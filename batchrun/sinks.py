@@ -558,7 +558,9 @@ class OutputLock:
 
     @classmethod
     def acquire(cls, out_dir: Path) -> OutputLock:
-        """Create ``OUT`` if needed and lock it. Blocking, but never waits.
+        """Create ``OUT`` if needed and lock it. Blocking: while another
+        process holds the lock, it tries again for at most 0.2 s (``held``
+        takes it for an instant), then gives up.
 
         Raises:
             InputError: Another run holds ``OUT``: names its pid.
@@ -574,16 +576,17 @@ class OutputLock:
         except OSError as exc:
             reason = exc.strerror or exc
             raise OutputError(f"cannot write in {out_dir}: {reason}") from exc
-        try:
-            for attempt in range(_LOCK_ATTEMPTS):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if attempt == _LOCK_ATTEMPTS - 1:
-                        raise
-                    time.sleep(_LOCK_RETRY_S)  # ``held`` looks for an instant
-        except BlockingIOError:
+        for _ in range(_LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(_LOCK_RETRY_S)
+            except OSError:
+                # A filesystem without locks: run unlocked rather than not at all.
+                os.close(fd)
+                return cls(None)
+        else:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             pid = f" (pid {holder})" if holder.isdigit() else ""
@@ -591,11 +594,7 @@ class OutputLock:
                 f"another batchrun run is writing here{pid}; let it finish, or"
                 " stop it and run again to resume",
                 path=str(out_dir),
-            ) from None
-        except OSError:
-            # A filesystem without locks: run unlocked rather than not at all.
-            os.close(fd)
-            return cls(None)
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(fd)

@@ -12,6 +12,7 @@ import gzip
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -126,6 +127,7 @@ def _open_jsonl(path: Path) -> IO[bytes]:
 # Editors and exports on Windows often start a UTF-8 file with one.
 _BOM = b"\xef\xbb\xbf"
 _ONE_PER_LINE = "JSON Lines holds one object per line"
+_NOT_AN_ARRAY = f"{_ONE_PER_LINE} (convert with jq -c '.[]')"
 _JSON_NAMES = {
     list: "an array",
     str: "a string",
@@ -143,9 +145,8 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
     loads = orjson.loads
     try:
         with _open_jsonl(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if number == 1 and line.startswith(_BOM):
-                    line = line[len(_BOM) :]
+            first = handle.readline().removeprefix(_BOM)
+            for number, line in enumerate(chain((first,), handle), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -157,7 +158,7 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
                 if not isinstance(row, dict):
                     got = _JSON_NAMES.get(type(row), type(row).__name__)
                     if number == 1 and isinstance(row, list):
-                        got += f" ({_ONE_PER_LINE}: convert with jq -c '.[]')"
+                        got += f"; {_NOT_AN_ARRAY}"
                     raise InputError(
                         f"expected a JSON object, got {got}", path=name, line=number
                     )
@@ -177,7 +178,7 @@ def _malformed(line: bytes, number: int, exc: orjson.JSONDecodeError) -> str:
     a JSON document (an array, a pretty-printed object) rather than JSON Lines."""
     start = line.lstrip()[:1]
     if number == 1 and start == b"[":
-        return f"the file is a JSON array; {_ONE_PER_LINE} (convert with jq -c '.[]')"
+        return f"the file is a JSON array; {_NOT_AN_ARRAY}"
     if line.strip() == b"{":
         return f"an object spread over several lines; {_ONE_PER_LINE} (jq -c .)"
     return f"malformed JSON: {exc}"

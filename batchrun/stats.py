@@ -489,7 +489,8 @@ def live_note(
     backoff, shows it here instead of looking hung.
 
     Args:
-        in_flight: Requests sent and not yet answered.
+        in_flight: Concurrency slots in use: requests sent and not yet
+            answered, or about to be sent (waiting for the rate budget).
         limit: The current concurrency limit.
         backing_off: Rows waiting out a retry backoff.
         waiting_s: Seconds left in a rate-limit pause.

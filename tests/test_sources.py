@@ -125,7 +125,7 @@ def test_jsonl_utf8_bom_is_skipped(tmp_path: Path) -> None:
     ("text", "line", "message"),
     [
         ('[\n  {"a": 1},\n  {"a": 2}\n]\n', 1, "the file is a JSON array"),
-        ('[{"a": 1}, {"a": 2}]\n', 1, "got an array (JSON Lines holds one object"),
+        ('[{"a": 1}, {"a": 2}]\n', 1, "got an array; JSON Lines holds one object"),
         ('{"a": 1}\n{\n  "a": 2\n}\n', 2, "an object spread over several lines"),
     ],
 )
