@@ -330,6 +330,8 @@ class _Run:
             retried=self.retried,
             new=self.new,
             stopped_by=self.stopped_by,
+            repaired=scan.repaired,
+            first_repaired=scan.first_repaired,
         )
 
     async def _scan(self) -> Scan:

@@ -41,11 +41,15 @@ class Scan:
         total: Rows in all inputs.
         kept: Kept columns and their Arrow types, in order.
         positional: Some row's id is its position (no id column).
+        repaired: Rows whose text held lone UTF-16 surrogates, read as U+FFFD.
+        first_repaired: The file and line of the first of those.
     """
 
     total: int
     kept: dict[str, Any]
     positional: bool
+    repaired: int = 0
+    first_repaired: str | None = None
 
 
 class ScanStopped(Exception):
@@ -78,11 +82,17 @@ def scan_inputs(
     present: set[str] = set()
     position = 0
     positional = False
+    repaired = 0
+    first_repaired = None
     checkers = list(cells) or [builder]
     columns = set().union(*(b.columns() for b in [builder, *checkers]))
     for batch in iter_batches(files, columns=columns):
         if stop is not None and stop.is_set():
             raise ScanStopped
+        if batch.repaired:
+            if first_repaired is None:
+                first_repaired = f"{batch.path}:{batch.repaired[0]}"
+            repaired += len(batch.repaired)
         batch_ids = []
         for index, row in enumerate(batch.rows):
             try:
@@ -115,6 +125,8 @@ def scan_inputs(
         total=position,
         kept={name: infer_type(kinds[name]) for name in keep},
         positional=positional,
+        repaired=repaired,
+        first_repaired=first_repaired,
     )
 
 

@@ -9,6 +9,8 @@ requests; it only reads, and raises ``InputError`` naming the file and line.
 from __future__ import annotations
 
 import gzip
+import json
+import re
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,12 +38,15 @@ class RowBatch:
         rows: The rows, as dicts of column to value.
         numbers: For each row, its 1-based line (JSONL) or row (Parquet) number.
         kind: ``"line"`` or ``"row"``: what ``numbers`` count.
+        repaired: The numbers of rows whose text held lone UTF-16 surrogates,
+            each read as U+FFFD (see ``_without_lone_surrogates``).
     """
 
     path: str
     rows: list[dict[str, Any]]
     numbers: Sequence[int]
     kind: str
+    repaired: Sequence[int] = ()
 
 
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
@@ -142,6 +147,7 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
     name = str(path)
     rows: list[dict[str, Any]] = []
     numbers: list[int] = []
+    repaired: list[int] = []
     loads = orjson.loads
     try:
         with _open_jsonl(path) as handle:
@@ -152,9 +158,12 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
                 try:
                     row = loads(line)
                 except orjson.JSONDecodeError as exc:
-                    raise InputError(
-                        _malformed(line, number, exc), path=name, line=number
-                    ) from exc
+                    row = _without_lone_surrogates(line, exc)
+                    if row is None:
+                        raise InputError(
+                            _malformed(line, number, exc), path=name, line=number
+                        ) from exc
+                    repaired.append(number)
                 if not isinstance(row, dict):
                     got = _JSON_NAMES.get(type(row), type(row).__name__)
                     if number == 1 and isinstance(row, list):
@@ -165,12 +174,38 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
                 rows.append(row)
                 numbers.append(number)
                 if len(rows) >= batch_rows:
-                    yield RowBatch(name, rows, numbers, "line")
-                    rows, numbers = [], []
+                    yield RowBatch(name, rows, numbers, "line", repaired)
+                    rows, numbers, repaired = [], [], []
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read file: {exc}", path=name) from exc
     if rows:
-        yield RowBatch(name, rows, numbers, "line")
+        yield RowBatch(name, rows, numbers, "line", repaired)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(line: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """The value of a line orjson refused only for a lone UTF-16 surrogate
+    escape (``"\\ud83d"``: half of an emoji cut in two), with U+FFFD in its place;
+    ``None`` for any other fault.
+
+    Such a line is valid JSON, and Python's ``json`` writes one for any string
+    holding half a surrogate pair, but it is not valid Unicode: it cannot be
+    sent as UTF-8, and orjson refuses it.
+    """
+    if "surrogate" not in str(exc):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    # Pairs were joined by json.loads, so what is left in the range is alone.
+    text = _LONE_SURROGATE.sub("\ufffd", json.dumps(value, ensure_ascii=False))
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # NaN or Infinity, which json allows and orjson does not
 
 
 def _malformed(line: bytes, number: int, exc: orjson.JSONDecodeError) -> str:

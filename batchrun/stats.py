@@ -371,6 +371,9 @@ class RunStats:
         new: Rows never reached before.
         stopped_by: The signal that stopped the run early (``"SIGINT"`` or
             ``"SIGTERM"``), or ``None`` when it ran to the end.
+        repaired: Input rows whose text held lone UTF-16 surrogates, sent
+            with U+FFFD in their place.
+        first_repaired: The file and line of the first of those.
     """
 
     rows: int
@@ -387,6 +390,8 @@ class RunStats:
     new: int = 0
     stopped_by: str | None = None
     truncated: int = 0
+    repaired: int = 0
+    first_repaired: str | None = None
 
     @property
     def requests_per_s(self) -> float:
@@ -403,6 +408,8 @@ class RunStats:
         retried: int = 0,
         new: int = 0,
         stopped_by: str | None = None,
+        repaired: int = 0,
+        first_repaired: str | None = None,
     ) -> RunStats:
         """Freeze a collector's counts for this run."""
         t = stats.session
@@ -421,6 +428,8 @@ class RunStats:
             new=new,
             stopped_by=stopped_by,
             truncated=t.truncated,
+            repaired=repaired,
+            first_repaired=first_repaired,
         )
 
     def summary(self) -> str:
@@ -434,6 +443,13 @@ class RunStats:
             lines.append(
                 f"resumed: {self.skipped} already done and skipped,"
                 f" {self.retried} retried, {self.new} new"
+            )
+        if self.repaired:
+            n = self.repaired
+            rows = "1 input row" if n == 1 else f"{n} input rows"
+            lines.append(
+                f"{rows} held lone UTF-16 surrogates (half of a character, not"
+                f" valid Unicode), sent as U+FFFD; the first at {self.first_repaired}"
             )
         if self.truncated:
             lines.append(

@@ -363,6 +363,31 @@ def test_summary_and_line_progress(
     assert str(tmp_path / "out" / "results") in err
 
 
+def test_lone_surrogate_is_sent_as_replacement_character(
+    sim_factory: SimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A JSONL row holding half an emoji (as Python's json writes it) is sent
+    with U+FFFD in its place, and the summary says so and where."""
+    sim = sim_factory(record_requests=True)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        '{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "cut \\ud83d"}\n'
+    )
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--base-url", sim.base_url,
+        "--model", "m", "--progress", "off",
+    )  # fmt: skip
+    assert code == 0
+    assert sorted(r["prompt"] for r in sim.state.requests) == ["cut \ufffd", "fine"]
+    assert [r["prompt"] for r in read_results(tmp_path / "out")] == [
+        "fine",
+        "cut \ufffd",
+    ]
+    err = capsys.readouterr().err
+    assert "1 input row held lone UTF-16 surrogates" in err
+    assert f"the first at {inp}:2" in err
+
+
 def test_unwritable_output_exits_3(
     sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

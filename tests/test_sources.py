@@ -121,6 +121,35 @@ def test_jsonl_utf8_bom_is_skipped(tmp_path: Path) -> None:
     assert numbers == [1, 2]
 
 
+def test_jsonl_lone_surrogate_is_read_as_replacement_character(
+    tmp_path: Path,
+) -> None:
+    """Half of a surrogate pair (valid JSON, not valid Unicode) is read as
+    U+FFFD and the row noted; a whole pair stays the character it encodes."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"a": "fine"}\n'
+        '{"a": "cut \\ud83d here", "b": "\\ud83d\\ude00"}\n'
+        '{"\\udc00": 1}\n'
+    )
+    (batch,) = iter_batches([path])
+    assert batch.rows == [
+        {"a": "fine"},
+        {"a": "cut \ufffd here", "b": "\U0001f600"},
+        {"\ufffd": 1},
+    ]
+    assert list(batch.repaired) == [2, 3]
+
+
+def test_jsonl_other_malformed_line_with_surrogate_is_refused(tmp_path: Path) -> None:
+    """Only a lone surrogate is forgiven: NaN beside it is still malformed."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": "\\ud83d", "b": NaN}\n')
+    with pytest.raises(InputError, match="malformed JSON") as info:
+        list(iter_batches([path]))
+    assert info.value.line == 1
+
+
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
