@@ -36,6 +36,7 @@ from .errors import (
     RateLimitError,
     ServerError,
 )
+from .jsontext import loads_answer
 from .records import JSONObject
 
 if TYPE_CHECKING:
@@ -417,9 +418,12 @@ class APIClient:
             try:
                 data = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
-                raise MalformedResponseError(
-                    f"HTTP {status} with a body that is not JSON", status=status
-                ) from exc
+                try:
+                    data = loads_answer(raw)
+                except ValueError:
+                    raise MalformedResponseError(
+                        f"HTTP {status} with a body that is not JSON", status=status
+                    ) from exc
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
                 raise MalformedResponseError(
                     f"HTTP {status} without choices",

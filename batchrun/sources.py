@@ -9,8 +9,6 @@ requests; it only reads, and raises ``InputError`` naming the file and line.
 from __future__ import annotations
 
 import gzip
-import json
-import re
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .jsontext import loads_without_lone_surrogates
 
 __all__ = ["DEFAULT_BATCH_ROWS", "IdSet", "RowBatch", "expand_inputs", "iter_batches"]
 
@@ -158,11 +157,7 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
                 try:
                     row = loads(line)
                 except orjson.JSONDecodeError as exc:
-                    row = _without_lone_surrogates(line, exc)
-                    if row is None:
-                        raise InputError(
-                            _malformed(line, number, exc), path=name, line=number
-                        ) from exc
+                    row = _lenient(line, number, exc, name)
                     repaired.append(number)
                 if not isinstance(row, dict):
                     got = _JSON_NAMES.get(type(row), type(row).__name__)
@@ -182,30 +177,32 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
         yield RowBatch(name, rows, numbers, "line", repaired)
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _without_lone_surrogates(line: bytes, exc: orjson.JSONDecodeError) -> Any:
-    """The value of a line orjson refused only for a lone UTF-16 surrogate
-    escape (``"\\ud83d"``: half of an emoji cut in two), with U+FFFD in its place;
-    ``None`` for any other fault.
-
-    Such a line is valid JSON, and Python's ``json`` writes one for any string
-    holding half a surrogate pair, but it is not valid Unicode: it cannot be
-    sent as UTF-8, and orjson refuses it.
-    """
-    if "surrogate" not in str(exc):
-        return None
+def _lenient(line: bytes, number: int, exc: orjson.JSONDecodeError, name: str) -> Any:
+    """A line orjson refused: read it if its only fault is a lone surrogate
+    escape (``jsontext``), or raise the InputError that says what is wrong."""
     try:
-        value = json.loads(line)
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise InputError(_not_utf8(line, number, bad), path=name, line=number) from exc
+    try:
+        return loads_without_lone_surrogates(line)
     except ValueError:
-        return None
-    # Pairs were joined by json.loads, so what is left in the range is alone.
-    text = _LONE_SURROGATE.sub("\ufffd", json.dumps(value, ensure_ascii=False))
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None  # NaN or Infinity, which json allows and orjson does not
+        raise InputError(_malformed(line, number, exc), path=name, line=number) from exc
+
+
+def _not_utf8(line: bytes, number: int, bad: UnicodeDecodeError) -> str:
+    """The message for a line that is not UTF-8, naming the encoding to convert
+    from when it can be told: UTF-16 (as Windows PowerShell writes files), or
+    else probably a single-byte one such as Latin-1."""
+    if number == 1 and line.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return (
+            "the file is UTF-16 and JSON Lines is UTF-8"
+            " (convert with iconv -f utf-16 -t utf-8)"
+        )
+    return (
+        f"not UTF-8: byte 0x{line[bad.start]:02x} at column {bad.start + 1}"
+        " (if the file is Latin-1, convert with iconv -f latin1 -t utf-8)"
+    )
 
 
 def _malformed(line: bytes, number: int, exc: orjson.JSONDecodeError) -> str:

@@ -214,6 +214,29 @@ async def test_malformed_body(sim: SimulatorHandle) -> None:
     assert error.status == 200
 
 
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        # Half of an emoji, as Python's json writes it: valid JSON, not Unicode.
+        (b'{"choices": [{"text": "cut \\ud83d"}]}', "cut \ufffd"),
+        # Not UTF-8 at all.
+        (b'{"choices": [{"text": "caf\xe9"}]}', "caf\ufffd"),
+    ],
+)
+async def test_answer_that_is_not_unicode_is_kept(
+    sim: SimulatorHandle, body: bytes, text: str
+) -> None:
+    """A paid-for answer that orjson refuses only for its Unicode is read
+    with U+FFFD in place of what could not be, and its raw bytes kept."""
+    sim.state.enqueue(ScriptedResponse(body=body))
+    async with APIClient(
+        sim.base_url, api_key=None, timeout_s=5, concurrency=4
+    ) as client:
+        reply = await client.post("completions", BODY)
+    assert reply.data["choices"][0]["text"] == text
+    assert reply.raw == body
+
+
 async def test_ok_without_choices(sim: SimulatorHandle) -> None:
     """A 200 with valid JSON but no choices is a MalformedResponseError."""
     error = await _post_error(sim, ScriptedResponse(body={"foo": 1}))

@@ -141,6 +141,27 @@ def test_jsonl_lone_surrogate_is_read_as_replacement_character(
     assert list(batch.repaired) == [2, 3]
 
 
+@pytest.mark.parametrize(
+    ("data", "line", "message"),
+    [
+        (b'{"a": "ok"}\n{"a": "caf\xe9"}\n', 2, "not UTF-8: byte 0xe9 at column 11"),
+        ('{"a": "ok"}\n'.encode("utf-16"), 1, "the file is UTF-16"),
+    ],
+)
+def test_jsonl_not_utf8_names_the_encoding(
+    tmp_path: Path, data: bytes, line: int, message: str
+) -> None:
+    """Text in another encoding is refused as such, with the iconv to fix it,
+    not as malformed JSON."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(InputError) as info:
+        list(iter_batches([path]))
+    assert message in str(info.value)
+    assert "iconv" in str(info.value)
+    assert info.value.line == line
+
+
 def test_jsonl_other_malformed_line_with_surrogate_is_refused(tmp_path: Path) -> None:
     """Only a lone surrogate is forgiven: NaN beside it is still malformed."""
     path = tmp_path / "in.jsonl"
