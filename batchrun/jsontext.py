@@ -22,9 +22,25 @@ from typing import Any
 
 import orjson
 
-__all__ = ["loads_answer", "loads_without_lone_surrogates"]
+__all__ = ["kind_of", "loads_answer", "loads_without_lone_surrogates"]
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+    bytes: "binary data",
+}
+
+
+def kind_of(value: object) -> str:
+    """What ``value`` is, in JSON's words (``a number``, not ``int``), for
+    messages about input: a Parquet column may also hold ``binary data``."""
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 def loads_without_lone_surrogates(text: str | bytes) -> Any:

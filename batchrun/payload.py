@@ -17,6 +17,7 @@ import orjson
 
 from .config import Endpoint, RequestOptions, Variant
 from .errors import ConfigError, InputError
+from .jsontext import kind_of
 from .records import JSONObject, PromptRecord
 
 if TYPE_CHECKING:
@@ -101,6 +102,11 @@ def _record(
     payload = encode_body(body)
     digest = request_hash(endpoint, payload)
     return PromptRecord(row_id, endpoint, body, prompt, extra, digest, payload=payload)
+
+
+def _not_a_string(value: object, field: str) -> InputError:
+    hint = ": store the column as strings" if isinstance(value, bytes) else ""
+    return InputError(f"must be a string, got {kind_of(value)}{hint}", field=field)
 
 
 def _check_messages(messages: object, field: str) -> list[JSONObject]:
@@ -287,11 +293,16 @@ class RequestBuilder:
                 user = [{"role": "user", "content": prompt}]
                 return self._chat(row, row_id, user, hashed)
             if prompt is None:
+                if opts.prompt_column in row:
+                    raise InputError(
+                        f"is null, and the row has no {opts.messages_column!r}",
+                        field=opts.prompt_column,
+                    )
                 raise InputError(
                     f"row has neither {opts.prompt_column!r}"
                     f" nor {opts.messages_column!r}"
                 )
-            raise InputError("must be a string", field=opts.prompt_column)
+            raise _not_a_string(prompt, opts.prompt_column)
         if not isinstance(prompt, str):
             if prompt is None and messages is not None:
                 raise InputError(
@@ -300,8 +311,9 @@ class RequestBuilder:
                     field=opts.messages_column,
                 )
             if prompt is None:
-                raise InputError("is missing", field=opts.prompt_column)
-            raise InputError("must be a string", field=opts.prompt_column)
+                missing = "is null" if opts.prompt_column in row else "is missing"
+                raise InputError(missing, field=opts.prompt_column)
+            raise _not_a_string(prompt, opts.prompt_column)
         return self._completion(row, row_id, prompt, hashed)
 
     def _model(self, body_model: object = None) -> str:
@@ -361,7 +373,7 @@ class RequestBuilder:
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
-                raise InputError("must be a string", field="body.prompt")
+                raise _not_a_string(prompt, "body.prompt")
             text = prompt
         return _record(row_id, endpoint, body, text, self._extra(row), hashed)
 

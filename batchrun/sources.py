@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .jsontext import loads_without_lone_surrogates
+from .jsontext import kind_of, loads_without_lone_surrogates
 
 __all__ = ["DEFAULT_BATCH_ROWS", "IdSet", "RowBatch", "expand_inputs", "iter_batches"]
 
@@ -132,14 +132,6 @@ def _open_jsonl(path: Path) -> IO[bytes]:
 _BOM = b"\xef\xbb\xbf"
 _ONE_PER_LINE = "JSON Lines holds one object per line"
 _NOT_AN_ARRAY = f"{_ONE_PER_LINE} (convert with jq -c '.[]')"
-_JSON_NAMES = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "true or false",
-    type(None): "null",
-}
 
 
 def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
@@ -160,7 +152,7 @@ def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RowBatch]:
                     row = _lenient(line, number, exc, name)
                     repaired.append(number)
                 if not isinstance(row, dict):
-                    got = _JSON_NAMES.get(type(row), type(row).__name__)
+                    got = kind_of(row)
                     if number == 1 and isinstance(row, list):
                         got += f"; {_NOT_AN_ARRAY}"
                     raise InputError(

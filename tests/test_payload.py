@@ -79,11 +79,34 @@ def test_row_without_prompt_or_messages_is_rejected() -> None:
         _builder().build({"other": 1}, "r1")
 
 
-def test_non_string_prompt_is_rejected() -> None:
-    """A prompt that is not a string is an InputError naming the prompt field."""
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [(None, "is null, and the row has no 'messages'"), ("completions", "is null")],
+)
+def test_null_prompt_is_named_as_null(endpoint: str | None, message: str) -> None:
+    """A prompt column holding null (a Parquet gap) is named as null, not as
+    a row without a prompt."""
     with pytest.raises(InputError) as info:
-        _builder().build({"prompt": 5}, "r1")
+        _builder(endpoint=endpoint).build({"prompt": None}, "r1")
+    assert info.value.reason == message
     assert info.value.field == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "got"),
+    [
+        (5, "got a number"),
+        (["a"], "got an array"),
+        (b"hi", "got binary data: store the column as strings"),
+    ],
+)
+def test_non_string_prompt_is_rejected(prompt: object, got: str) -> None:
+    """A prompt that is not a string is an InputError naming the prompt field
+    and what it holds instead."""
+    with pytest.raises(InputError) as info:
+        _builder().build({"prompt": prompt}, "r1")
+    assert info.value.field == "prompt"
+    assert info.value.reason == f"must be a string, {got}"
 
 
 @pytest.mark.parametrize(
