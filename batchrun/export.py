@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from .errors import ConfigError, OutputError
 from .journal import JOURNAL_DIR, read_segment, segments
+from .jsontext import loads_answer
 from .resume import load_manifest
 from .sinks import (
     LOG_KEY,
@@ -464,7 +465,10 @@ def _json_object(text: str | None) -> dict[str, Any] | None:
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return None
+        try:
+            data = loads_answer(text)  # an answer kept despite its Unicode
+        except ValueError:
+            return None
     return data if isinstance(data, dict) else None
 
 

@@ -56,7 +56,7 @@ def loads_without_lone_surrogates(text: str | bytes) -> Any:
     return orjson.loads(fixed)
 
 
-def loads_answer(raw: bytes) -> Any:
+def loads_answer(raw: bytes | str) -> Any:
     """A server's answer that orjson refused, read as far as it can be.
 
     Bytes that are not UTF-8 and lone surrogate escapes become U+FFFD: the
@@ -65,7 +65,7 @@ def loads_answer(raw: bytes) -> Any:
     Raises:
         ValueError: It is not JSON even so.
     """
-    text = raw.decode("utf-8", "replace")
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:

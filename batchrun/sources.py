@@ -38,7 +38,7 @@ class RowBatch:
         numbers: For each row, its 1-based line (JSONL) or row (Parquet) number.
         kind: ``"line"`` or ``"row"``: what ``numbers`` count.
         repaired: The numbers of rows whose text held lone UTF-16 surrogates,
-            each read as U+FFFD (see ``_without_lone_surrogates``).
+            each read as U+FFFD (see ``jsontext``).
     """
 
     path: str

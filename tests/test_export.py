@@ -17,7 +17,7 @@ from batchrun.errors import ConfigError, OutputError
 from batchrun.export import FORMATS, export_results
 from batchrun.journal import Journal
 from batchrun.records import AttemptLog
-from batchrun.simulator import SimulatorHandle
+from batchrun.simulator import ScriptedResponse, SimulatorHandle
 from batchrun.sinks import RESULT_SCHEMA, PartWriter
 
 from .helpers import make_row, prompts, read_results, run_against, write_jsonl
@@ -110,6 +110,23 @@ def test_openai_batch_matches_the_results(sim: SimulatorHandle, tmp_path: Path) 
     again = tmp_path / "again.jsonl"
     export_results(out, "openai-batch", again)
     assert [line["id"] for line in _lines(again)] == ids
+
+
+def test_openai_batch_keeps_an_answer_that_is_not_unicode(
+    sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    """An answer kept despite half a surrogate pair exports with its body,
+    U+FFFD in place of the half: a success never exports without one."""
+    body = b'{"id": "cmpl-1", "choices": [{"index": 0, "text": "cut \\ud83d"}]}'
+    sim.state.enqueue(ScriptedResponse(body=body))
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out) == 0
+    dest = tmp_path / "batch_output.jsonl"
+    export_results(out, "openai-batch", dest)
+    (line,) = _lines(dest)
+    assert line["error"] is None
+    assert line["response"]["body"]["choices"][0]["text"] == "cut \ufffd"
 
 
 def test_openai_batch_errormake_row(sim: SimulatorHandle, tmp_path: Path) -> None:
