@@ -436,11 +436,22 @@ class _Run:
         if sink is None:
             return  # failed before the output was opened
         if status == "finished":
-            compact(sink.results_dir, sink.schema, dedupe=self.resumed)
+            compact(
+                sink.results_dir,
+                sink.schema,
+                dedupe=self.resumed,
+                announce=self._announce_compaction,
+            )
             last = max((n for n, _ in list_parts(sink.results_dir)), default=-1)
             self.parts_through = max(self.parts_through, last)
         write_usage(self.out_dir / USAGE_FILE, self.stats.usage_rows())
         self._write_manifest(status, error)
+
+    def _announce_compaction(self, parts: int) -> None:
+        if self.progress is not None:
+            self.progress.message(
+                f"all rows done; compacting {parts} part files into a few large ones"
+            )
 
     def _write_manifest(self, status: str, error: str | None = None) -> None:
         t = self.stats.total

@@ -421,6 +421,7 @@ def compact(
     dedupe: bool,
     target_rows: int = DEFAULT_COMPACT_ROWS,
     min_parts: int = COMPACT_MIN_PARTS,
+    announce: Callable[[int], object] | None = None,
 ) -> int:
     """Rewrite the parts as few large files, each id once (latest wins). Blocking.
 
@@ -435,6 +436,8 @@ def compact(
         target_rows: Rows per compacted file.
         min_parts: Leave at most this many parts alone when no id repeats:
             a few files of a thousand rows are fine to read; thousands are not.
+        announce: Told the number of parts when they are to be rewritten
+            (about 5 s for a million rows), so the wait is not a silent one.
 
     Returns:
         The number of part files afterwards.
@@ -452,6 +455,8 @@ def compact(
         or max(pq.ParquetFile(p).metadata.num_rows for _, p in parts) >= target_rows
     ):
         return len(parts)
+    if announce is not None:
+        announce(len(parts))
     options = _write_options(schema)
     temps: list[Path] = []
     writer: pq.ParquetWriter | None = None

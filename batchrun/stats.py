@@ -476,6 +476,9 @@ class Progress(Protocol):
     def close(self, stats: StatsCollector) -> None:
         """Show the final counters and release the display."""
 
+    def message(self, text: str) -> None:
+        """Show a line about work after the last row (``close`` was called)."""
+
 
 class NullProgress:
     """Shows nothing (``--quiet``)."""
@@ -485,6 +488,14 @@ class NullProgress:
 
     def close(self, stats: StatsCollector) -> None:
         """Do nothing."""
+
+    def message(self, text: str) -> None:
+        """Do nothing."""
+
+
+def _say(stream: TextIO, text: str) -> None:
+    stream.write(f"batchrun: {text}\n")
+    stream.flush()
 
 
 def _no_note() -> str:
@@ -542,6 +553,7 @@ class TqdmProgress:
         self._bar = tqdm(
             total=total, file=stream, unit="row", dynamic_ncols=True, smoothing=0.1
         )
+        self._stream = stream
         self._shown = 0
 
     def refresh(self, stats: StatsCollector) -> None:
@@ -562,6 +574,10 @@ class TqdmProgress:
         """Final update, then close the bar."""
         self.refresh(stats)
         self._bar.close()
+
+    def message(self, text: str) -> None:
+        """A line under the closed bar."""
+        _say(self._stream, text)
 
 
 class LineProgress:
@@ -607,6 +623,10 @@ class LineProgress:
 
     def close(self, stats: StatsCollector) -> None:
         """Nothing more: the summary follows."""
+
+    def message(self, text: str) -> None:
+        """A line of its own."""
+        _say(self._stream, text)
 
 
 def _has_width(stream: TextIO) -> bool:

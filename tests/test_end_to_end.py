@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.simulator import SimulatorHandle, count_tokens
-from batchrun.sinks import RESULT_SCHEMA, USAGE_SCHEMA
+from batchrun.sinks import COMPACT_MIN_PARTS, RESULT_SCHEMA, USAGE_SCHEMA
 
 from .helpers import (
     SimFactory,
@@ -350,6 +351,36 @@ def test_right_key_is_sent(
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert b"right-key-abcdef" not in path.read_bytes()
+
+
+def test_compaction_is_announced(
+    sim_factory: SimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Compacting many parts after the last row (about 5 s a million rows) says
+    so, instead of leaving a finished bar with nothing happening."""
+    from batchrun import EndpointConfig, OutputOptions, RequestOptions, RunConfig, run
+
+    # One request at a time, each longer than the writer gathers results for:
+    # about a part per row.
+    sim = sim_factory(latency_ms=5)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(100))
+    out = tmp_path / "out"
+    stats = run(
+        RunConfig(
+            inputs=(inp,),
+            output=OutputOptions(out_dir=out, flush_rows=1),
+            endpoint=EndpointConfig(base_url=sim.base_url),
+            request=RequestOptions(model="m"),
+            concurrency=1,
+            progress="lines",
+        )
+    )
+    assert stats.rows == 100
+    err = capsys.readouterr().err
+    found = re.search(r"batchrun: all rows done; compacting (\d+) part files", err)
+    assert found is not None, err
+    assert int(found.group(1)) > COMPACT_MIN_PARTS
+    assert len(list((out / "results").iterdir())) == 1
 
 
 def test_provider_mock_runs_without_endpoint(tmp_path: Path) -> None:
