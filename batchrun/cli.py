@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -762,6 +763,10 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
             return _cmd_estimate(args, job)
         return _cmd_run(args, job, argv)
     except KeyboardInterrupt:
+        if own_process:
+            # What is left is short (a thread finishing its batch); another
+            # Ctrl-C meanwhile printed a traceback from the interpreter's exit.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("batchrun: interrupted; finished results are saved", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ConfigError, InputError) as exc:

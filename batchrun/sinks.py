@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from array import array
 from bisect import bisect_left
@@ -32,6 +33,7 @@ __all__ = [
     "RESULT_SCHEMA",
     "USAGE_FILE",
     "USAGE_SCHEMA",
+    "CompactionStopped",
     "OutputLock",
     "PartWriter",
     "Row",
@@ -229,6 +231,10 @@ def result_row(
     return row
 
 
+class CompactionStopped(Exception):
+    """Compaction was told to stop; the parts are as they were."""
+
+
 class PartWriter:
     """Turns rows into numbered, atomically written part files.
 
@@ -422,6 +428,7 @@ def compact(
     target_rows: int = DEFAULT_COMPACT_ROWS,
     min_parts: int = COMPACT_MIN_PARTS,
     announce: Callable[[int], object] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
     """Rewrite the parts as few large files, each id once (latest wins). Blocking.
 
@@ -438,9 +445,15 @@ def compact(
             a few files of a thousand rows are fine to read; thousands are not.
         announce: Told the number of parts when they are to be rewritten
             (about 5 s for a million rows), so the wait is not a silent one.
+        stop: Set from another thread to give up at the next batch (Ctrl-C):
+            the new files are removed and the parts stay as they were.
 
     Returns:
         The number of part files afterwards.
+
+    Raises:
+        CompactionStopped: ``stop`` was set; nothing changed.
+        OutputError: A file could not be read or written; nothing changed.
     """
     parts = list_parts(results_dir)
     if not parts:
@@ -469,6 +482,8 @@ def compact(
             # 44 MB higher with batch_size=8192, though no batch was larger.
             source = pq.ParquetFile(path, pre_buffer=False)
             for batch in source.iter_batches(batch_size=_COMPACT_BATCH_ROWS):
+                if stop is not None and stop.is_set():
+                    raise CompactionStopped
                 table = pa.Table.from_batches([batch])
                 if not table.schema.equals(schema):
                     # Only when needed: cast imports pyarrow.compute (about
@@ -498,11 +513,13 @@ def compact(
             os.replace(temp, part_path(results_dir, first + index))
         for _, path in parts:
             path.unlink()
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, pa.ArrowException, CompactionStopped) as exc:
         if writer is not None:
             writer.close()
         for temp in temps:
             temp.unlink(missing_ok=True)
+        if isinstance(exc, CompactionStopped):
+            raise
         raise OutputError(f"cannot compact {results_dir}: {exc}") from exc
     return len(temps)
 

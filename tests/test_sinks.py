@@ -14,7 +14,14 @@ import pytest
 
 from batchrun.errors import InputError
 from batchrun.journal import Journal, read_segment, segments
-from batchrun.sinks import LOCK_FILE, OutputLock, PartWriter, compact, list_parts
+from batchrun.sinks import (
+    LOCK_FILE,
+    CompactionStopped,
+    OutputLock,
+    PartWriter,
+    compact,
+    list_parts,
+)
 
 from .helpers import make_row
 
@@ -44,6 +51,35 @@ def test_many_parts_are_merged(tmp_path: Path) -> None:
     assert [n for n, _ in list_parts(tmp_path)] == [10, 11, 12]
     assert len(_read(tmp_path)) == 50
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+class _StopAfter(threading.Event):
+    """Set once it has been asked ``checks`` times: a Ctrl-C mid-compaction."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.checks = checks
+
+    def is_set(self) -> bool:
+        self.checks -= 1
+        return self.checks < 0
+
+
+def test_stopped_compaction_leaves_the_parts_as_they_were(tmp_path: Path) -> None:
+    """Told to stop after two of its new files, compaction removes them and
+    leaves every part as it was."""
+    writer = PartWriter(tmp_path)
+    for n in range(10):
+        writer.write(n, [make_row(f"{n}-{i}") for i in range(5)])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    stop = _StopAfter(6)  # a batch per part; a new file every four
+    with pytest.raises(CompactionStopped):
+        compact(
+            tmp_path, writer.schema, dedupe=False, target_rows=20, min_parts=4,
+            stop=stop,
+        )  # fmt: skip
+    assert stop.checks == -1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_no_statistics_on_free_text_columns(tmp_path: Path) -> None:
