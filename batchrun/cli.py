@@ -763,11 +763,13 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
             return _cmd_estimate(args, job)
         return _cmd_run(args, job, argv)
     except KeyboardInterrupt:
-        if own_process:
-            # What is left is short (a thread finishing its batch); another
-            # Ctrl-C meanwhile printed a traceback from the interpreter's exit.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("batchrun: interrupted; finished results are saved", file=sys.stderr)
+        if own_process:
+            # The exit waits for a thread to end its batch. Another Ctrl-C
+            # meanwhile means now, and printed a traceback from the
+            # interpreter's exit: end as a kill would, which loses nothing.
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
         return EXIT_INTERRUPTED
     except (ConfigError, InputError) as exc:
         code, error = EXIT_USAGE, exc
