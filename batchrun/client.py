@@ -421,9 +421,7 @@ class APIClient:
                 try:
                     data = loads_answer(raw)
                 except ValueError:
-                    raise MalformedResponseError(
-                        f"HTTP {status} with a body that is not JSON", status=status
-                    ) from exc
+                    raise self._not_json(status, raw, headers) from exc
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
                 raise MalformedResponseError(
                     f"HTTP {status} without choices",
@@ -433,6 +431,24 @@ class APIClient:
                 )
             return Reply(status, data, raw, headers)
         raise self._error(status, raw, headers, str(url))
+
+    def _not_json(
+        self, status: int, raw: bytes, headers: Mapping[str, str]
+    ) -> APIError:
+        """A 2xx that is not JSON: cut short in transit (retried), or a web
+        page, which no retry changes: the URL leads to a site, a proxy's login
+        or a captive portal rather than to the API."""
+        if headers.get("Content-Type", "").startswith("text/html"):
+            return PermanentError(
+                f"HTTP {status} with a web page, not an API answer: is the base"
+                f" URL right? ({self.base_url}; an OpenAI-compatible API's"
+                " usually ends in /v1)",
+                status=status,
+                body=self._snippet(raw),
+            )
+        return MalformedResponseError(
+            f"HTTP {status} with a body that is not JSON", status=status
+        )
 
     def _snippet(self, raw: bytes) -> str:
         # Scrub the whole body before cutting it, so a key cut in half by the

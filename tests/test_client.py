@@ -237,6 +237,19 @@ async def test_answer_that_is_not_unicode_is_kept(
     assert reply.raw == body
 
 
+async def test_web_page_is_not_retried(sim: SimulatorHandle) -> None:
+    """A 200 web page (a base URL leading to a site or a proxy's login) is a
+    PermanentError pointing at the base URL: no retry turns it into an answer."""
+    page = ScriptedResponse(
+        body="<html><body>Welcome</body></html>",
+        headers={"Content-Type": "text/html; charset=utf-8"},
+    )
+    error = await _post_error(sim, page)
+    assert type(error) is PermanentError
+    assert "web page, not an API answer: is the base URL right?" in str(error)
+    assert error.body == "<html><body>Welcome</body></html>"
+
+
 async def test_ok_without_choices(sim: SimulatorHandle) -> None:
     """A 200 with valid JSON but no choices is a MalformedResponseError."""
     error = await _post_error(sim, ScriptedResponse(body={"foo": 1}))
