@@ -491,9 +491,12 @@ class APIClient:
                 request_id=request_id,
             )
         if status == 404:
+            hint = ""
+            if not self.base_url.endswith("/v1"):
+                hint = "; an OpenAI-compatible base URL usually ends in /v1"
             return FatalAPIError(
                 f"HTTP 404 for {url}: the endpoint or model does not exist"
-                f" ({detail or 'no detail'})",
+                f" ({detail or 'no detail'}){hint}",
                 status=status,
                 body=body,
                 request_id=request_id,

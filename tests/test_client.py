@@ -199,6 +199,21 @@ async def test_fatal_errors(sim: SimulatorHandle, status: int) -> None:
     assert error.status == status
 
 
+async def test_404_without_v1_hints_at_it(sim: SimulatorHandle) -> None:
+    """A 404 from a base URL without /v1 (the usual slip) says where it
+    usually ends; one from a base URL with /v1 does not."""
+    assert sim.base_url.endswith("/v1")
+    async with APIClient(
+        sim.base_url.removesuffix("/v1"), api_key=None, timeout_s=5, concurrency=4
+    ) as client:
+        with pytest.raises(FatalAPIError) as info:
+            await client.post("completions", BODY)
+    assert info.value.status == 404
+    assert str(info.value).endswith("usually ends in /v1")
+    error = await _post_error(sim, ScriptedResponse(status=404))
+    assert "/v1" not in str(error).split(": ", 1)[1]
+
+
 async def test_dropped_connection(sim: SimulatorHandle) -> None:
     """A connection dropped mid-body is an APIConnectionError."""
     error = await _post_error(sim, ScriptedResponse(action="drop"))
