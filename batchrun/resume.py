@@ -37,7 +37,7 @@ from .sinks import (
     read_parts,
     row_keys,
 )
-from .stats import StatsCollector
+from .stats import ErrorTally, StatsCollector
 
 __all__ = [
     "CompletedIndex",
@@ -233,11 +233,13 @@ class CompletedIndex:
         return None
 
 
-def _latest_statuses(out_dir: Path, parts_through: int) -> dict[str | None, list[int]]:
-    """[ok, failed] per sweep variant (None: no sweep), latest result winning."""
-    tables: list[pa.Table] = list(
-        read_parts(out_dir / RESULTS_DIR, ["id", "variant", "status"])
-    )
+def _latest_statuses(
+    out_dir: Path, parts_through: int, errors: ErrorTally
+) -> dict[str | None, list[int]]:
+    """[ok, failed] per sweep variant (None: no sweep), latest result winning;
+    the failed rows' errors go into ``errors``."""
+    columns = ("id", "variant", "status", "error")
+    tables: list[pa.Table] = list(read_parts(out_dir / RESULTS_DIR, list(columns)))
     for number, path in segments(out_dir / JOURNAL_DIR):
         if number > parts_through:
             rows = list(read_segment(path))
@@ -245,7 +247,7 @@ def _latest_statuses(out_dir: Path, parts_through: int) -> dict[str | None, list
                 pa.table(
                     {
                         name: pa.array([r.get(name) for r in rows], pa.string())
-                        for name in ("id", "variant", "status")
+                        for name in columns
                     }
                 )
             )
@@ -261,6 +263,7 @@ def _latest_statuses(out_dir: Path, parts_through: int) -> dict[str | None, list
         strict=True,
     ):
         counts.setdefault(variant, [0, 0])[0 if status == "ok" else 1] += 1
+    errors.add_errors(latest.column("error").drop_null().to_pylist())
     return counts
 
 
@@ -286,7 +289,8 @@ def status_report(out_dir: Path) -> str:
     if manifest is None:
         raise ConfigError(f"{out_dir} holds no batchrun run (no manifest.json)")
     parts_through = int(manifest.get("parts_through", -1))
-    by_variant = _latest_statuses(out_dir, parts_through)
+    errors = ErrorTally()
+    by_variant = _latest_statuses(out_dir, parts_through, errors)
     ok = sum(c[0] for c in by_variant.values())
     failed = sum(c[1] for c in by_variant.values())
     cells = max(1, len(manifest.get("variants") or []))
@@ -328,6 +332,7 @@ def status_report(out_dir: Path) -> str:
             f"{out_dir}: {state}",
             f"rows: {ok} ok, {failed} failed{todo}",
             *per_variant,
+            *errors.lines(),
             f"requests: {t.attempts} attempts, {t.retries} retries,"
             f" {t.rate_limited} rate-limited",
             f"tokens so far: {t.prompt_tokens} prompt + {t.completion_tokens}"

@@ -24,6 +24,7 @@ from .sinks import LOG_KEY
 
 __all__ = [
     "Clock",
+    "ErrorTally",
     "LatencyHistogram",
     "LineProgress",
     "NullProgress",
@@ -63,6 +64,7 @@ _LOG = methodcaller("get", LOG_KEY)
 _PROMPT_TOKENS = itemgetter("prompt_tokens")
 _COMPLETION_TOKENS = itemgetter("completion_tokens")
 _LATENCY = itemgetter("latency_s")
+_ERROR = itemgetter("error")
 
 
 class LatencyHistogram:
@@ -229,6 +231,69 @@ class GroupStats:
 
 
 _Key = tuple[str, str, str]  # (variant or "", model, endpoint)
+_ERRORS_SHOWN = 3
+
+
+class ErrorTally:
+    """How many rows failed with each error, for the summary.
+
+    A failed row's error names the failure (``PermanentError: HTTP 400:
+    ...``); a bad parameter fails every row the same way. At most ``KEEP``
+    different errors are told apart, so that errors naming something of
+    their own row (a prompt's length) cannot grow it without bound; the
+    rest are counted together.
+    """
+
+    KEEP = 50
+    _CUT = 200  # characters of an error kept
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.others = 0
+
+    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Tally the failed rows among result rows."""
+        errors = list(map(_ERROR, rows))
+        if errors.count(None) != len(errors):  # the usual batch: no failure
+            self.add_errors(errors)
+
+    def add_errors(self, errors: Iterable[str | None]) -> None:
+        """Tally errors (``None`` for a row that did not fail)."""
+        counts = self.counts
+        for error in errors:
+            if error is None:
+                continue
+            error = error[: self._CUT]
+            if error in counts:
+                counts[error] += 1
+            elif len(counts) < self.KEEP:
+                counts[error] = 1
+            else:
+                self.others += 1
+
+    def top(self, n: int) -> tuple[list[tuple[str, int]], int]:
+        """The ``n`` most common errors with their counts, and how many rows
+        failed otherwise."""
+        ranked = sorted(self.counts.items(), key=lambda item: -item[1])
+        rest = self.others + sum(count for _, count in ranked[n:])
+        return ranked[:n], rest
+
+    def lines(self) -> list[str]:
+        """The three most common errors with their row counts, as lines."""
+        top, rest = self.top(_ERRORS_SHOWN)
+        return error_lines(top, rest)
+
+
+def error_lines(errors: Sequence[tuple[str, int]], others: int) -> list[str]:
+    """Failed rows counted by error, most common first; none when none failed."""
+    if not errors:
+        return []
+    width = len(str(max(errors[0][1], others)))
+    lines = ["failed rows, by error:"]
+    lines += [f"  {n:>{width}} x {error}" for error, n in errors]
+    if others:
+        lines.append(f"  {others:>{width}} x other errors")
+    return lines
 
 
 class StatsCollector:
@@ -253,11 +318,16 @@ class StatsCollector:
         self.started = clock()
         self.prior_wall_s = 0.0
         self.skipped = 0
+        self.errors = ErrorTally()
         self._prior = GroupStats()
         self._groups: dict[_Key, GroupStats] = {}
 
     def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Count finished result rows."""
+        """Count finished result rows, and tally why the failed ones failed."""
+        self._count(rows)
+        self.errors.add(rows)
+
+    def _count(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
             return
         try:
@@ -277,7 +347,7 @@ class StatsCollector:
         """Count rows an earlier run finished but never counted: the rows it
         left in its journal, which this run rolls into parts. They are part of
         the output's totals, not of this run's ``session``."""
-        self.record(rows)
+        self._count(rows)
         self._prior.add_rows(rows)
 
     def _group(self, key: tuple[Any, ...]) -> GroupStats:
@@ -374,6 +444,9 @@ class RunStats:
         repaired: Input rows whose text held lone UTF-16 surrogates, sent
             with U+FFFD in their place.
         first_repaired: The file and line of the first of those.
+        errors: The most common errors of this run's failed rows, with how
+            many rows failed with each.
+        other_errors: Failed rows of this run not counted in ``errors``.
     """
 
     rows: int
@@ -392,6 +465,8 @@ class RunStats:
     truncated: int = 0
     repaired: int = 0
     first_repaired: str | None = None
+    errors: tuple[tuple[str, int], ...] = ()
+    other_errors: int = 0
 
     @property
     def requests_per_s(self) -> float:
@@ -413,6 +488,7 @@ class RunStats:
     ) -> RunStats:
         """Freeze a collector's counts for this run."""
         t = stats.session
+        errors, other_errors = stats.errors.top(_ERRORS_SHOWN)
         return cls(
             rows=t.requests,
             succeeded=t.succeeded,
@@ -430,6 +506,8 @@ class RunStats:
             truncated=t.truncated,
             repaired=repaired,
             first_repaired=first_repaired,
+            errors=tuple(errors),
+            other_errors=other_errors,
         )
 
     def summary(self) -> str:
@@ -439,6 +517,7 @@ class RunStats:
             f"{self.rows} rows: {self.succeeded} ok, {self.failed} failed"
             f" ({self.attempts} requests)",
         ]
+        lines += error_lines(self.errors, self.other_errors)
         if self.skipped or self.retried:
             lines.append(
                 f"resumed: {self.skipped} already done and skipped,"

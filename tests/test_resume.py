@@ -224,9 +224,18 @@ def test_status_reports_progress(
     text = capsys.readouterr().out
     assert "finished" in text
     assert "rows: 8 ok, 2 failed, 0 not reached" in text
+    (error,) = {r["error"] for r in read_results(out) if r["status"] == "error"}
+    assert f"failed rows, by error:\n  2 x {error}\n" in text
     seen = sim.state.snapshot()
     assert f"{seen['prompt_tokens']} prompt" in text
     assert "last write: 20" in text
+    # The failed rows succeed when the run is resumed: the latest result counts.
+    assert run_against(sim, inp, out) == 0
+    capsys.readouterr()
+    assert run_cli("status", out) == 0
+    text = capsys.readouterr().out
+    assert "rows: 10 ok, 0 failed" in text
+    assert "by error" not in text
 
 
 def test_status_tells_a_live_run_by_its_lock(

@@ -18,6 +18,7 @@ from batchrun.config import Endpoint
 from batchrun.records import PromptRecord, Result, Usage
 from batchrun.sinks import LOG_KEY, Row, result_row
 from batchrun.stats import (
+    ErrorTally,
     LatencyHistogram,
     LineProgress,
     NullProgress,
@@ -51,6 +52,7 @@ def _result(
     attempts: int = 1,
     latency_s: float = 0.5,
     finish_reason: str = "stop",
+    error: str = "PermanentError: HTTP 400",
 ) -> Row:
     ok = status == "ok"
     result = Result(
@@ -62,7 +64,7 @@ def _result(
         latency_s=latency_s,
         started_at=0.0,
         finished_at=latency_s,
-        error=None if ok else "PermanentError: HTTP 400",
+        error=None if ok else error,
         body={"choices": [{"text": "c", "finish_reason": finish_reason}]}
         if ok
         else None,
@@ -269,6 +271,42 @@ def test_answers_stopped_at_max_tokens_are_counted() -> None:
     assert resumed.total.truncated == 3
     assert resumed.session.truncated == 0
     assert "max_tokens" not in RunStats.from_collector(resumed, Path("out")).summary()
+
+
+def test_summary_says_why_rows_failed() -> None:
+    """The summary counts this run's failed rows by error, the three most
+    common first; rows an earlier run left in its journal are not counted."""
+    stats = StatsCollector(clock=FakeClock())
+    stats.record_earlier([_result(status="error", error="Old: error")] * 9)
+    errors = ["A: x"] * 5 + ["B: y"] * 12 + ["C: z"] * 2 + ["D: w", "E: v"]
+    stats.record([_result()] + [_result(status="error", error=e) for e in errors])
+    summary = RunStats.from_collector(stats, Path("out")).summary()
+    assert (
+        "failed rows, by error:\n"
+        "  12 x B: y\n"
+        "   5 x A: x\n"
+        "   2 x C: z\n"
+        "   2 x other errors\n"
+    ) in summary
+    assert "Old" not in summary
+    clean = StatsCollector(clock=FakeClock())
+    clean.record([_result()])
+    assert "by error" not in RunStats.from_collector(clean, Path("out")).summary()
+
+
+def test_error_tally_is_bounded() -> None:
+    """Errors naming something of their own row are told apart up to a bound,
+    and counted together past it; a long error is cut."""
+    tally = ErrorTally()
+    tally.add(
+        [{"error": f"E: prompt {i}" + "x" * 500} for i in range(ErrorTally.KEEP + 10)]
+    )
+    tally.add([{"error": None}, {"error": f"E: prompt 0{'x' * 500}"}])
+    assert len(tally.counts) == ErrorTally.KEEP
+    assert tally.others == 10
+    top, rest = tally.top(1)
+    assert top == [(f"E: prompt 0{'x' * 500}"[:200], 2)]
+    assert rest == ErrorTally.KEEP - 1 + 10
 
 
 # --- progress -----------------------------------------------------------------
