@@ -633,6 +633,16 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _tell(text: str) -> None:
+    """A message on stderr. Nobody reading it (a closed pipe: ``2>&1 | head``)
+    changes nothing: the outcome is in OUT and in the exit code."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        # Later messages, and the interpreter's flush at exit, go nowhere.
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (kept to the end)
+
+
 def _resume_command(argv: Sequence[str]) -> str:
     """The command that continues this run (never with --overwrite)."""
     return shlex.join(["batchrun", *(a for a in argv if a != "--overwrite")])
@@ -643,15 +653,14 @@ def _cmd_run(args: argparse.Namespace, job: Job | None, argv: Sequence[str]) -> 
 
     stats = run(_run_config(args, job))
     if stats.stopped_by is not None:
-        print(stats.summary(), file=sys.stderr)
-        print(
+        _tell(stats.summary())
+        _tell(
             f"batchrun: stopped by {stats.stopped_by}; results so far are saved."
-            f" Resume with:\n  {_resume_command(argv)}",
-            file=sys.stderr,
+            f" Resume with:\n  {_resume_command(argv)}"
         )
         return EXIT_TERMINATED if stats.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
     if not args.quiet:
-        print(stats.summary(), file=sys.stderr)
+        _tell(stats.summary())
     return EXIT_OK if stats.failed == 0 else EXIT_FAILED_ROWS
 
 
@@ -666,7 +675,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_results
 
     rows = export_results(args.output, args.format, args.dest)
-    print(f"wrote {rows} rows to {args.dest}", file=sys.stderr)
+    _tell(f"wrote {rows} rows to {args.dest}")
     return EXIT_OK
 
 
@@ -763,12 +772,11 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
             return _cmd_estimate(args, job)
         return _cmd_run(args, job, argv)
     except KeyboardInterrupt:
-        print("batchrun: interrupted; finished results are saved", file=sys.stderr)
+        _tell("batchrun: interrupted; finished results are saved")
         if own_process:
             # The exit waits for a thread to end its batch. Another Ctrl-C
             # meanwhile means now, and printed a traceback from the
             # interpreter's exit: end as a kill would, which loses nothing.
-            sys.stderr.flush()
             signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
         return EXIT_INTERRUPTED
     except (ConfigError, InputError) as exc:
@@ -777,5 +785,5 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int
         code, error = EXIT_ABORTED, exc
     if verbose:
         traceback.print_exception(error, file=sys.stderr)
-    print(f"batchrun: error: {_one_line(error)}", file=sys.stderr)
+    _tell(f"batchrun: error: {_one_line(error)}")
     return code

@@ -16,12 +16,13 @@ and ``stats``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,6 +81,7 @@ from .stats import (
     StatsCollector,
     live_note,
     make_progress,
+    say,
 )
 
 __all__ = ["MOCK_MODEL", "arun", "run"]
@@ -89,6 +91,7 @@ T = TypeVar("T")
 _SHUTDOWN_FLUSH_S = 10.0
 _PROGRESS_TICK_S = 1.0
 _GATHER_S = 0.002
+_SLOW_S = 1.0
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
@@ -268,7 +271,8 @@ class _Run:
         # The simulator in this process holds the other end of each connection.
         make_room_for(cfg.concurrency * (2 if cfg.endpoint.mock else 1))
         self.files = expand_inputs(cfg.inputs)
-        self.scan = scan = await self._scan()
+        with self._if_slow("checking every input row before the first request"):
+            self.scan = scan = await self._scan()
         lock = await anyio.to_thread.run_sync(OutputLock.acquire, self.out_dir)
         try:
             return await self._execute_locked(scan, handle_signals)
@@ -277,7 +281,8 @@ class _Run:
 
     async def _execute_locked(self, scan: Scan, handle_signals: bool) -> RunStats:
         cfg = self.config
-        await anyio.to_thread.run_sync(self._open_output, scan)
+        with self._if_slow(f"reading what {self.out_dir} holds already"):
+            await anyio.to_thread.run_sync(self._open_output, scan)
         status, error = "aborted", None
         try:
             async with AsyncExitStack() as stack:
@@ -333,6 +338,19 @@ class _Run:
             repaired=scan.repaired,
             first_repaired=scan.first_repaired,
         )
+
+    @contextmanager
+    def _if_slow(self, doing: str) -> Iterator[None]:
+        """Say what the run is ``doing`` if it takes over a second and no
+        progress is shown yet: the scan of ten million rows takes about 10 s."""
+        if self.config.progress == "off":
+            yield
+            return
+        timer = asyncio.get_running_loop().call_later(_SLOW_S, say, f"{doing}...")
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     async def _scan(self) -> Scan:
         """The validation pass, in a thread; a cancellation (Ctrl-C) stops it

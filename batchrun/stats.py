@@ -31,9 +31,11 @@ __all__ = [
     "Progress",
     "RunStats",
     "StatsCollector",
+    "SturdyProgress",
     "TqdmProgress",
     "live_note",
     "make_progress",
+    "say",
 ]
 
 Clock = Callable[[], float]
@@ -572,9 +574,14 @@ class NullProgress:
         """Do nothing."""
 
 
-def _say(stream: TextIO, text: str) -> None:
-    stream.write(f"batchrun: {text}\n")
-    stream.flush()
+def say(text: str, stream: TextIO | None = None) -> None:
+    """One line of news about the run, on stderr unless told otherwise."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        stream.write(f"batchrun: {text}\n")
+        stream.flush()
+    except OSError:
+        pass  # nobody is reading (a closed pipe): the run goes on
 
 
 def _no_note() -> str:
@@ -656,7 +663,7 @@ class TqdmProgress:
 
     def message(self, text: str) -> None:
         """A line under the closed bar."""
-        _say(self._stream, text)
+        say(text, self._stream)
 
 
 class LineProgress:
@@ -705,7 +712,7 @@ class LineProgress:
 
     def message(self, text: str) -> None:
         """A line of its own."""
-        _say(self._stream, text)
+        say(text, self._stream)
 
 
 def _has_width(stream: TextIO) -> bool:
@@ -741,8 +748,44 @@ def make_progress(
     out = sys.stderr if stream is None else stream
     if mode == "auto":
         mode = "bar" if _has_width(out) else "lines"
-    if mode == "bar":
-        return TqdmProgress(total, out, note=note)
-    if mode == "lines":
-        return LineProgress(total, out, interval_s=interval_s, clock=clock, note=note)
+    try:
+        if mode == "bar":
+            return SturdyProgress(TqdmProgress(total, out, note=note))
+        if mode == "lines":
+            return SturdyProgress(
+                LineProgress(total, out, interval_s=interval_s, clock=clock, note=note)
+            )
+    except OSError:  # the bar's first drawing failed: see SturdyProgress
+        pass
     return NullProgress()
+
+
+class SturdyProgress:
+    """A display that fails to write is dropped; the run goes on.
+
+    A closed pipe (``batchrun run ... 2>&1 | head``) or a terminal that went
+    away made the display's next write raise, and that aborted the run: a
+    bar at once, before a single request.
+    """
+
+    def __init__(self, display: Progress) -> None:
+        self.display: Progress | None = display
+
+    def refresh(self, stats: StatsCollector) -> None:
+        """The display's refresh, unless it has failed."""
+        self._try("refresh", stats)
+
+    def close(self, stats: StatsCollector) -> None:
+        """The display's close, unless it has failed."""
+        self._try("close", stats)
+
+    def message(self, text: str) -> None:
+        """The display's message, unless it has failed."""
+        self._try("message", text)
+
+    def _try(self, method: str, argument: object) -> None:
+        if self.display is not None:
+            try:
+                getattr(self.display, method)(argument)
+            except OSError:
+                self.display = None

@@ -488,3 +488,24 @@ def test_too_low_a_hard_limit_on_open_files_is_a_usage_error(
     assert "lower --concurrency" in line
     assert sim.state.snapshot()["requests"] == 0
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("progress", ["bar", "lines"])
+def test_nobody_reading_stderr_changes_nothing(
+    sim: SimulatorHandle, tmp_path: Path, progress: str
+) -> None:
+    """With stderr a pipe nobody reads (``batchrun run ... 2>&1 | head``), the
+    run still sends every row and exits 0. A bar aborted the run at its first
+    drawing, and the summary's failed write made the exit code 1."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "run", str(inp), "-o", str(out),
+         "--base-url", sim.base_url, "--model", "m", "--progress", progress],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    process.stderr.close()
+    assert process.wait(timeout=120) == 0
+    assert len(read_results(out)) == 20
+    assert sim.state.snapshot()["requests"] == 20

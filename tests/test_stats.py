@@ -24,6 +24,7 @@ from batchrun.stats import (
     NullProgress,
     RunStats,
     StatsCollector,
+    SturdyProgress,
     TqdmProgress,
     live_note,
     make_progress,
@@ -382,7 +383,8 @@ def test_make_progress_auto_on_non_tty_is_lines() -> None:
     clock = FakeClock()
     out = io.StringIO()
     progress = make_progress("auto", None, stream=out, interval_s=2.0, clock=clock)
-    assert isinstance(progress, LineProgress)
+    assert isinstance(progress, SturdyProgress)
+    assert isinstance(progress.display, LineProgress)
     stats = StatsCollector(clock=clock)
     clock.advance(2.0)
     progress.refresh(stats)
@@ -399,9 +401,34 @@ def test_make_progress_auto_on_a_terminal_needs_its_width(
     fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     with os.fdopen(side, "w") as terminal:
         progress = make_progress("auto", 3, stream=terminal, clock=FakeClock())
-        assert isinstance(progress, kind)
+        assert isinstance(progress, SturdyProgress)
+        assert isinstance(progress.display, kind)
         progress.close(StatsCollector(clock=FakeClock()))
     os.close(main)
+
+
+class _Gone(io.StringIO):
+    """A stream nobody reads any more: every write fails, as on a closed pipe."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("mode", ["lines", "bar"])
+def test_a_display_that_fails_is_dropped(mode: str) -> None:
+    """A display whose stream fails is dropped at the first failure and never
+    raises: a bar failing at its first drawing is no display at all."""
+    clock = FakeClock()
+    progress = make_progress(mode, 3, stream=_Gone(), interval_s=1.0, clock=clock)
+    stats = StatsCollector(clock=clock)
+    clock.advance(2.0)
+    progress.refresh(stats)
+    progress.message("compacting")
+    progress.close(stats)
+    if isinstance(progress, SturdyProgress):
+        assert progress.display is None
+    else:
+        assert isinstance(progress, NullProgress)
 
 
 def test_tqdm_is_imported_only_for_a_bar() -> None:
@@ -426,7 +453,8 @@ def test_make_progress_bar() -> None:
     out = io.StringIO()
     clock = FakeClock()
     progress = make_progress("bar", 3, stream=out, clock=clock)
-    assert isinstance(progress, TqdmProgress)
+    assert isinstance(progress, SturdyProgress)
+    assert isinstance(progress.display, TqdmProgress)
     stats = StatsCollector(clock=clock)
     stats.record([_result(), _result(status="error")])
     clock.advance(1.0)
