@@ -221,6 +221,13 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     rq.add_argument(
         "--keep-columns", metavar="A,B", help="input columns to copy into the results"
     )
+    rq.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="only the first N input rows, to try a job out; the same command"
+        " without it then does the rest",
+    )
 
     lim = run.add_argument_group("rate limits and retries")
     lim.add_argument("--rpm", type=float, metavar="N", help="requests per minute")
@@ -626,6 +633,7 @@ def _run_config(
         event_loop=args.event_loop,
         variants=job.variants if job is not None else (),
         pricing=_pricing(args, job),
+        limit=args.limit,
     )
 
 

@@ -386,6 +386,9 @@ class RunConfig:
             means one plain request per row.
         pricing: USD per million tokens by model; ``"*"`` applies to models
             not listed. Used for ``cost_usd`` in the usage table.
+        limit: Send only the first this many input rows (each once per
+            variant). It is not part of what a resume compares: the same run
+            without it goes on to the rest.
     """
 
     inputs: tuple[Path, ...]
@@ -400,6 +403,7 @@ class RunConfig:
     event_loop: EventLoop = "auto"
     variants: tuple[Variant, ...] = ()
     pricing: Mapping[str, Price] = field(default_factory=dict)
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.event_loop not in ("auto", "asyncio", "uvloop"):
@@ -417,6 +421,8 @@ class RunConfig:
             raise ConfigError(
                 f"concurrency must be between 1 and 100000, got {self.concurrency}"
             )
+        if self.limit is not None and not self.limit >= 1:
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
         if self.progress not in ("auto", "bar", "lines", "off"):
             raise ConfigError(
                 f"progress must be auto, bar, lines or off, got {self.progress!r}"

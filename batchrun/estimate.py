@@ -128,12 +128,12 @@ def estimate_run(config: RunConfig) -> Estimate:
     files = expand_inputs(config.inputs)
     plan = cells(config.request, config.variants)
     base = RequestBuilder(config.request)
-    scan = scan_inputs(files, base, [b for _, b in plan])
+    scan = scan_inputs(files, base, [b for _, b in plan], limit=config.limit)
     estimate = Estimate(rows=scan.total, variants=len(plan))
     per_model: dict[str, _ModelTotals] = {}
     columns = set().union(*(b.columns() for _, b in plan))
     position = 0
-    for batch in iter_batches(files, columns=columns):
+    for batch in iter_batches(files, columns=columns, limit=config.limit):
         for row in batch.rows:
             row_id = base.row_id(row, position)
             position += 1

@@ -363,6 +363,7 @@ class _Run:
                 self.builder,
                 [b for _, b in self.cells],
                 stop,
+                self.config.limit,
                 abandon_on_cancel=True,
             )
         except anyio.get_cancelled_exc_class():
@@ -670,7 +671,9 @@ class _Run:
         """
         with self.reader_scope:
             async with records, results:
-                batches = iter_batches(self.files, columns=self.builder.columns())
+                batches = iter_batches(
+                    self.files, columns=self.builder.columns(), limit=self.config.limit
+                )
                 built = None
                 try:
                     built = await anyio.to_thread.run_sync(self._next_batch, batches, 0)

@@ -103,6 +103,7 @@ def iter_batches(
     *,
     columns: Collection[str] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    limit: int | None = None,
 ) -> Iterator[RowBatch]:
     """Yield the rows of every file in order, ``batch_rows`` at a time.
 
@@ -111,15 +112,32 @@ def iter_batches(
         columns: Parquet columns to read; ``None`` reads all. Missing ones are
             skipped here and reported by whoever needs them.
         batch_rows: Rows per batch.
+        limit: Stop after this many rows; nothing after them is read.
 
     Raises:
         InputError: A file cannot be read, or a JSONL line is not a JSON object.
     """
+    left = limit
     for path in files:
         if _format_of(path) == "parquet":
-            yield from _parquet_batches(path, columns, batch_rows)
+            batches = _parquet_batches(path, columns, batch_rows)
         else:
-            yield from _jsonl_batches(path, batch_rows)
+            batches = _jsonl_batches(path, batch_rows)
+        for batch in batches:
+            if left is not None and len(batch.rows) >= left:
+                yield _first(batch, left)
+                return
+            if left is not None:
+                left -= len(batch.rows)
+            yield batch
+
+
+def _first(batch: RowBatch, n: int) -> RowBatch:
+    """The first ``n`` rows of ``batch``."""
+    numbers = batch.numbers[:n]
+    last = numbers[-1] if n else 0
+    repaired = [number for number in batch.repaired if number <= last]
+    return RowBatch(batch.path, batch.rows[:n], numbers, batch.kind, repaired)
 
 
 def _open_jsonl(path: Path) -> IO[bytes]:

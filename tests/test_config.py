@@ -305,6 +305,14 @@ def test_run_config_concurrency_edges(concurrency: int) -> None:
     assert _run_config(concurrency=concurrency).concurrency == concurrency
 
 
+@pytest.mark.parametrize("limit", [0, -3])
+def test_run_config_limit_must_be_positive(limit: int) -> None:
+    """A limit of no rows is a ConfigError; one row is fine."""
+    with pytest.raises(ConfigError, match="limit must be at least 1"):
+        _run_config(limit=limit)
+    assert _run_config(limit=1).limit == 1
+
+
 def test_run_config_progress_mode() -> None:
     """An unknown progress mode is a ConfigError."""
     with pytest.raises(ConfigError, match="progress"):

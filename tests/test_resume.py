@@ -30,6 +30,24 @@ def _flaky_rows() -> list[dict[str, str]]:
     return rows
 
 
+def test_a_limited_run_then_the_whole_one(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--limit sends only the first rows; the same command without it sends
+    the rest, each row once (the limit is not part of what resume compares)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(10))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out, "--limit", "3") == 0
+    assert [r["id"] for r in read_results(out)] == ["row-0", "row-1", "row-2"]
+    assert sim.state.snapshot()["requests"] == 3
+    assert run_against(sim, inp, out) == 0
+    assert sim.state.snapshot()["requests"] == 10
+    assert len(read_results(out)) == 10
+    capsys.readouterr()
+    assert run_cli("status", out) == 0
+    assert "rows: 10 ok, 0 failed, 0 not reached" in capsys.readouterr().out
+
+
 def test_rerun_retries_only_failed_rows(
     sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

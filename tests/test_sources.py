@@ -203,6 +203,22 @@ def test_jsonl_malformed_line(tmp_path: Path) -> None:
     assert f"{path}:4" in str(info.value)
 
 
+def test_limit_stops_after_that_many_rows(tmp_path: Path) -> None:
+    """A limit ends the rows across batches and files, and nothing after it is
+    read: a malformed line past it goes unnoticed."""
+    first = write_jsonl(tmp_path / "a.jsonl", _rows(5))
+    second = tmp_path / "b.jsonl"
+    second.write_text('{"id": "b0"}\n{"id": "b1"}\nnot json\n')
+    batches = list(iter_batches([first, second], batch_rows=2, limit=7))
+    rows, numbers = _all(batches)
+    assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4", "b0", "b1"]
+    assert numbers == [1, 2, 3, 4, 5, 1, 2]
+    assert [len(b.rows) for b in batches] == [2, 2, 1, 2]
+    assert len(_all(list(iter_batches([first], batch_rows=2, limit=3)))[0]) == 3
+    with pytest.raises(InputError, match="malformed JSON"):
+        list(iter_batches([first, second], batch_rows=2, limit=8))
+
+
 def test_jsonl_lines_numbered_across_batches(tmp_path: Path) -> None:
     """Batches of clean lines and batches with blank lines number alike, and a
     bad line far into the file is named by its physical line."""
