@@ -52,15 +52,12 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     """Turn the user's paths into the list of files to read, in order.
 
     Raises:
-        InputError: A path does not exist, or a directory holds no Parquet file.
+        InputError: A path does not exist, or a directory holds no input file.
     """
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix == ".parquet")
-            if not found:
-                raise InputError("directory holds no .parquet files", path=str(path))
-            files.extend(found)
+            files.extend(_directory_inputs(path))
         elif path.is_file():
             if _format_of(path) is None:
                 raise InputError(
@@ -72,6 +69,22 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
         else:
             raise InputError("no such file or directory", path=str(path))
     return files
+
+
+def _directory_inputs(path: Path) -> list[Path]:
+    """A directory's Parquet files (a dataset), or else its JSON Lines files
+    (shards), in name order; hidden files (``.`` or ``_``) left out."""
+    shown = [
+        p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
+    ]
+    for kind in ("parquet", "jsonl"):
+        found = sorted(p for p in shown if _format_of(p) == kind)
+        if found:
+            return found
+    raise InputError(
+        "directory holds no .parquet or JSON Lines (.jsonl, .jsonl.gz) files",
+        path=str(path),
+    )
 
 
 def _format_of(path: Path) -> str | None:

@@ -46,12 +46,24 @@ def test_expand_inputs_unknown_suffix(tmp_path: Path) -> None:
     assert info.value.path == str(path)
 
 
-def test_expand_inputs_dir_without_parquet(tmp_path: Path) -> None:
-    """A directory with no .parquet file is an InputError naming it."""
-    write_jsonl(tmp_path / "a.jsonl", _rows(1))
-    with pytest.raises(InputError, match=r"no \.parquet files") as info:
+def test_expand_inputs_dir_without_inputs(tmp_path: Path) -> None:
+    """A directory with no input file is an InputError naming it."""
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden.jsonl").write_text("{}")
+    with pytest.raises(InputError, match=r"no \.parquet or JSON Lines") as info:
         expand_inputs([tmp_path])
     assert info.value.path == str(tmp_path)
+
+
+def test_expand_inputs_dir_of_jsonl_shards(tmp_path: Path) -> None:
+    """A directory without Parquet files expands to its JSON Lines shards, in
+    name order, leaving out hidden and marker files."""
+    for name in ("part-1.jsonl.gz", "part-0.jsonl", "_SUCCESS", ".part-2.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_inputs([tmp_path]) == [
+        tmp_path / "part-0.jsonl",
+        tmp_path / "part-1.jsonl.gz",
+    ]
 
 
 def test_expand_inputs_dir_is_sorted_parquet_only(tmp_path: Path) -> None:
