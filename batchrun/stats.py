@@ -265,7 +265,8 @@ class ErrorTally:
         for error in errors:
             if error is None:
                 continue
-            error = error[: self._CUT]
+            if len(error) > self._CUT:
+                error = error[: self._CUT - 3] + "..."
             if error in counts:
                 counts[error] += 1
             elif len(counts) < self.KEEP:

@@ -306,7 +306,7 @@ def test_error_tally_is_bounded() -> None:
     assert len(tally.counts) == ErrorTally.KEEP
     assert tally.others == 10
     top, rest = tally.top(1)
-    assert top == [(f"E: prompt 0{'x' * 500}"[:200], 2)]
+    assert top == [(f"E: prompt 0{'x' * 500}"[:197] + "...", 2)]
     assert rest == ErrorTally.KEEP - 1 + 10
 
 
