@@ -11,6 +11,7 @@ import asyncio
 import base64
 import email.utils
 import functools
+import io
 import os
 import time
 import urllib.request
@@ -50,6 +51,7 @@ _PATHS: Mapping[Endpoint, str] = {
     "chat": "/chat/completions",
 }
 _BODY_SNIPPET = 300
+_LARGE_BODY = 1 << 20
 _SERVER_STATUSES = frozenset({408, 409, 425})
 
 
@@ -400,10 +402,15 @@ class APIClient:
         if self._session is None:
             raise RuntimeError("APIClient used outside 'async with'")
         url = self._urls[endpoint]
-        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        payload = body if isinstance(body, bytes) else orjson.dumps(body)
+        sent: bytes | io.BytesIO = payload
+        if len(payload) > _LARGE_BODY:
+            # aiohttp warns (ResourceWarning) of bytes over 1 MiB and asks for
+            # a file object, which it sends in chunks; a long prompt is one.
+            sent = io.BytesIO(payload)
         deadlines = self._deadlines
         try:
-            async with self._post(url, data=data) as response:
+            async with self._post(url, data=sent) as response:
                 raw = await response.read()
                 status = response.status
                 headers = response.headers

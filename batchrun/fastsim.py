@@ -22,7 +22,7 @@ from typing import cast
 
 import orjson
 
-from .simulator import Rejection, Simulator
+from .simulator import MAX_BODY_BYTES, Rejection, Simulator
 
 __all__ = ["FastProtocol", "factory"]
 
@@ -38,7 +38,6 @@ _REASONS = {
     501: "Not Implemented",
 }
 _MAX_HEAD = 64 * 1024
-_MAX_BODY = 64 * 1024 * 1024
 _NOT_FOUND = b'{"error":{"message":"Not found","type":"invalid_request_error"}}'
 
 
@@ -100,7 +99,7 @@ class FastProtocol(asyncio.Protocol):
         except ValueError:
             self._fail(400, "bad Content-Length")
             return False
-        if length > _MAX_BODY:
+        if length > MAX_BODY_BYTES:
             self._fail(413, "request body too large")
             return False
         start = end + 4

@@ -68,6 +68,8 @@ _V = TypeVar("_V")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _DIRECTIVE_RE = re.compile(r"\[\[sim:([^\]]*)\]\]")
 _DIRECTIVE_MARK = "[[sim:"
+# The largest request body served (the fast path's limit too).
+MAX_BODY_BYTES = 64 << 20
 _CACHE_SIZE = 4096
 _JSON = "application/json"
 _INVALID = "invalid_request_error"
@@ -885,7 +887,9 @@ def create_app(
         An application whose live ``SimulatorState`` is ``app[STATE_KEY]``.
     """
     sim = Simulator(config or SimulatorConfig(), clock)
-    app = web.Application()
+    # aiohttp refuses bodies over 1 MiB by default (413); long-context prompts
+    # run past that, and real servers take them.
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE_KEY] = sim.state
     app.router.add_post("/v1/completions", sim.completion)
     app.router.add_post("/v1/chat/completions", sim.chat)

@@ -136,6 +136,19 @@ async def test_ok_reply(sim: SimulatorHandle) -> None:
     assert sim.state.snapshot()["requests"] == 2
 
 
+async def test_body_over_a_mebibyte(sim_factory: SimFactory) -> None:
+    """A long-context prompt (a body over 1 MiB) is sent whole, without the
+    ResourceWarning aiohttp gives for such a body passed as bytes."""
+    sim = sim_factory(record_requests=True)
+    prompt = "word " * 300_000
+    async with APIClient(
+        sim.base_url, api_key=None, timeout_s=30, concurrency=4
+    ) as client:
+        reply = await client.post("completions", {"model": "m", "prompt": prompt})
+    assert reply.status == 200
+    assert sim.state.requests[0]["prompt"] == prompt
+
+
 async def test_post_outside_context_manager(sim: SimulatorHandle) -> None:
     """post() before entering the client is a RuntimeError."""
     client = APIClient(sim.base_url, api_key=None, timeout_s=5, concurrency=1)
