@@ -90,6 +90,8 @@ class Journal:
     def __init__(self, journal_dir: Path, number: int, *, fsync: bool = False) -> None:
         self.journal_dir = journal_dir
         self.number = number
+        # Bytes appended to the current segment by this process.
+        self.size = 0
         self._fsync = fsync
         self._fd = -1
         try:
@@ -108,6 +110,7 @@ class Journal:
                 handle.truncate(_complete_length(path))
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.number = number
+        self.size = 0
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         """Write rows as one line (a JSON array), in a single system call.
@@ -121,6 +124,7 @@ class Journal:
         if not rows:
             return
         data = orjson.dumps(rows, option=orjson.OPT_APPEND_NEWLINE)
+        self.size += len(data)
         try:
             view = memoryview(data)
             while view:

@@ -353,6 +353,32 @@ def test_right_key_is_sent(
             assert b"right-key-abcdef" not in path.read_bytes()
 
 
+def test_parts_end_at_a_size(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """Results of long prompts go into parts of about 16 MiB, not 1,000 rows:
+    with prompts of 200 KB, parts of 1,000 rows took the peak RSS to 1.7 GB."""
+    from batchrun import EndpointConfig, OutputOptions, RequestOptions, RunConfig, run
+
+    long = "x" * (2 << 20)
+    rows = [{"id": f"r{i:02d}", "prompt": f"{i}{long}"} for i in range(12)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    stats = run(
+        RunConfig(
+            inputs=(inp,),
+            output=OutputOptions(out_dir=out, raw_response=False),
+            endpoint=EndpointConfig(base_url=sim.base_url),
+            request=RequestOptions(model="m", params={"max_tokens": 2}),
+            concurrency=2,
+            progress="off",
+        )
+    )
+    assert stats.succeeded == 12
+    parts = list((out / "results").iterdir())
+    assert 2 <= len(parts) <= 4  # 24 MiB of prompts
+    results = read_results(out)
+    assert [r["prompt"] for r in results] == [r["prompt"] for r in rows]
+
+
 def test_compaction_is_announced(
     sim_factory: SimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.errors import InputError
-from batchrun.sources import IdSet, RowBatch, count_rows, expand_inputs, iter_batches
+from batchrun.sources import (
+    BATCH_BYTES,
+    IdSet,
+    RowBatch,
+    count_rows,
+    expand_inputs,
+    iter_batches,
+)
 
 from .helpers import write_jsonl, write_parquet
 
@@ -213,6 +220,24 @@ def test_jsonl_malformed_line(tmp_path: Path) -> None:
     assert info.value.path == str(path)
     assert info.value.line == 4
     assert f"{path}:4" in str(info.value)
+
+
+def test_batches_of_long_rows_end_at_a_size(tmp_path: Path) -> None:
+    """Batches of long rows end at about BATCH_BYTES, not at 1,024 rows, in
+    JSONL and in Parquet (sized from the file's metadata): with prompts of
+    200 KB, batches of 1,024 rows took the peak RSS to 1.2 GB."""
+    long = "x" * (BATCH_BYTES // 3 + 1)  # three rows pass BATCH_BYTES
+    # Distinct prompts, and one long value repeated (a Parquet dictionary
+    # stores it once; read, it takes its full size in every row).
+    rows = [{"id": f"r{i}", "prompt": f"{i}{long}"} for i in range(10)]
+    same = [{"id": f"r{i}", "prompt": long} for i in range(10)]
+    jsonl = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert [len(b.rows) for b in iter_batches([jsonl])] == [3, 3, 3, 1]
+    for name, table in (("distinct", rows), ("repeated", same)):
+        parquet = write_parquet(tmp_path / f"{name}.parquet", table)
+        assert [len(b.rows) for b in iter_batches([parquet])] == [2, 2, 2, 2, 2]
+    short = write_jsonl(tmp_path / "short.jsonl", _rows(1500))
+    assert [len(b.rows) for b in iter_batches([short])] == [1024, 476]
 
 
 def test_limit_stops_after_that_many_rows(tmp_path: Path) -> None:
