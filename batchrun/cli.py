@@ -641,14 +641,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _tell(text: str) -> None:
-    """A message on stderr. Nobody reading it (a closed pipe: ``2>&1 | head``)
-    changes nothing: the outcome is in OUT and in the exit code."""
+def _tell(text: str, *, report: bool = False) -> None:
+    """A message on stderr, or a ``report`` on stdout (``status``,
+    ``estimate``). Nobody reading it (a closed pipe: ``2>&1 | head``, or a
+    reader that took the lines it wanted) changes nothing: the outcome is in
+    OUT and in the exit code."""
     try:
-        print(text, file=sys.stderr, flush=True)
+        print(text, file=sys.stdout if report else sys.stderr, flush=True)
     except OSError:
-        # Later messages, and the interpreter's flush at exit, go nowhere.
-        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (kept to the end)
+        # Later writes, and the interpreter's flush at exit, go nowhere.
+        nowhere = open(os.devnull, "w")  # noqa: SIM115 (kept to the end)
+        if report:
+            sys.stdout = nowhere
+        else:
+            sys.stderr = nowhere
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -675,7 +681,7 @@ def _cmd_run(args: argparse.Namespace, job: Job | None, argv: Sequence[str]) -> 
 def _cmd_estimate(args: argparse.Namespace, job: Job | None) -> int:
     from .estimate import estimate_run
 
-    print(estimate_run(_run_config(args, job, estimate=True)).report())
+    _tell(estimate_run(_run_config(args, job, estimate=True)).report(), report=True)
     return EXIT_OK
 
 
@@ -690,7 +696,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from .resume import status_report
 
-    print(status_report(args.output))
+    _tell(status_report(args.output), report=True)
     return EXIT_OK
 
 

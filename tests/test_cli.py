@@ -509,3 +509,22 @@ def test_nobody_reading_stderr_changes_nothing(
     assert process.wait(timeout=120) == 0
     assert len(read_results(out)) == 20
     assert sim.state.snapshot()["requests"] == 20
+
+
+def test_status_to_a_reader_that_left(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """``batchrun status OUT | head -1``: a reader that stopped early gets no
+    traceback, and the command still exits 0."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out) == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "status", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()
+    with process.stderr:
+        assert process.wait(timeout=120) == 0
+        assert process.stderr.read() == b""
