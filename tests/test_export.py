@@ -291,6 +291,21 @@ def test_many_parts_come_out_sorted(
 ) -> None:
     """Rows scattered over parts and batches are gathered in id order."""
     monkeypatch.setattr(export, "_CHUNK_ROWS", 3)  # many batches and chunks
+    _export_scattered_rows(tmp_path, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_long_rows_come_out_in_chunks_of_a_size(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks are counted in bytes too (long rows: fewer rows a chunk); at
+    a byte limit below one row, every row is its own chunk, still in order."""
+    monkeypatch.setattr(export, "_CHUNK_BYTES", 1)
+    _export_scattered_rows(tmp_path, fmt)
+
+
+def _export_scattered_rows(tmp_path: Path, fmt: str) -> None:
+    """Export rows scattered over parts, some retried, and check their order."""
     ids = [f"id-{i:03d}" for i in range(40)]
     random.Random(7).shuffle(ids)
     retried = set(ids[::5])
