@@ -15,9 +15,10 @@ every part. Rows come out sorted by id, then variant (rows without one first).
 
 Memory grows with the keys only. A first pass reads the id and variant columns
 to find each key's latest row and the output order; a second pass streams the
-winning rows part by part, in chunks of at most 8,192 rows and about 32 MiB. Rows not already in output order are spilled to an
-uncompressed Arrow file next to ``dest`` and gathered chunk by chunk through a
-memory map, so the page cache holds them, not the heap.
+winning rows part by part, in chunks of at most 8,192 rows and about 32 MiB.
+Rows not already in output order are spilled to an uncompressed Arrow file
+next to ``dest`` and gathered chunk by chunk through a memory map, so the page
+cache holds them, not the heap.
 """
 
 # pyarrow is otherwise kept to sources.py and sinks.py. Exporting reads and
