@@ -256,7 +256,7 @@ class ErrorTally:
     def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Tally the failed rows among result rows."""
         errors = list(map(_ERROR, rows))
-        if errors.count(None) != len(errors):  # the usual batch: no failure
+        if errors.count(None) != len(errors):  # usually all None: nothing to do
             self.add_errors(errors)
 
     def add_errors(self, errors: Iterable[str | None]) -> None:
