@@ -482,12 +482,10 @@ def _json_object(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
     try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        try:
-            data = loads_answer(text)  # an answer kept despite its Unicode
-        except ValueError:
-            return None
+        # orjson first, then what it refuses but can be read (jsontext).
+        data = loads_answer(text)
+    except ValueError:
+        return None
     return data if isinstance(data, dict) else None
 
 

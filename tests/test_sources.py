@@ -160,27 +160,6 @@ def test_jsonl_lone_surrogate_is_read_as_replacement_character(
     assert list(batch.repaired) == [2, 3]
 
 
-@pytest.mark.parametrize(
-    ("data", "line", "message"),
-    [
-        (b'{"a": "ok"}\n{"a": "caf\xe9"}\n', 2, "not UTF-8: byte 0xe9 at column 11"),
-        ('{"a": "ok"}\n'.encode("utf-16"), 1, "the file is UTF-16"),
-    ],
-)
-def test_jsonl_not_utf8_names_the_encoding(
-    tmp_path: Path, data: bytes, line: int, message: str
-) -> None:
-    """Text in another encoding is refused as such, with the iconv to fix it,
-    not as malformed JSON."""
-    path = tmp_path / "in.jsonl"
-    path.write_bytes(data)
-    with pytest.raises(InputError) as info:
-        list(iter_batches([path]))
-    assert message in str(info.value)
-    assert "iconv" in str(info.value)
-    assert info.value.line == line
-
-
 def test_jsonl_other_malformed_line_with_surrogate_is_refused(tmp_path: Path) -> None:
     """Only a lone surrogate is forgiven: NaN beside it is still malformed."""
     path = tmp_path / "in.jsonl"
@@ -191,23 +170,41 @@ def test_jsonl_other_malformed_line_with_surrogate_is_refused(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("text", "line", "message"),
+    ("data", "line", "message", "fix"),
     [
-        ('[\n  {"a": 1},\n  {"a": 2}\n]\n', 1, "the file is a JSON array"),
-        ('[{"a": 1}, {"a": 2}]\n', 1, "got an array; JSON Lines holds one object"),
-        ('{"a": 1}\n{\n  "a": 2\n}\n', 2, "an object spread over several lines"),
+        (b'[\n  {"a": 1},\n  {"a": 2}\n]\n', 1, "the file is a JSON array", "jq -c"),
+        (
+            b'[{"a": 1}, {"a": 2}]\n',
+            1,
+            "got an array; JSON Lines holds one object",
+            "jq -c",
+        ),
+        (
+            b'{"a": 1}\n{\n  "a": 2\n}\n',
+            2,
+            "an object spread over several lines",
+            "jq -c",
+        ),
+        (
+            b'{"a": "ok"}\n{"a": "caf\xe9"}\n',
+            2,
+            "not UTF-8: byte 0xe9 at column 11",
+            "iconv",
+        ),
+        ('{"a": "ok"}\n'.encode("utf-16"), 1, "the file is UTF-16", "iconv"),
     ],
 )
-def test_json_document_instead_of_json_lines(
-    tmp_path: Path, text: str, line: int, message: str
+def test_a_file_not_in_json_lines_names_the_fix(
+    tmp_path: Path, data: bytes, line: int, message: str, fix: str
 ) -> None:
-    """A JSON array or a pretty-printed object is named as such, with a fix."""
+    """A JSON array, a pretty-printed object, or text in another encoding is
+    named as such, with the command that fixes it (not as malformed JSON)."""
     path = tmp_path / "in.json"
-    path.write_text(text)
+    path.write_bytes(data)
     with pytest.raises(InputError) as info:
         list(iter_batches([path]))
     assert message in str(info.value)
-    assert "jq -c" in str(info.value)
+    assert fix in str(info.value)
     assert info.value.line == line
 
 

@@ -417,9 +417,15 @@ class _Gone(io.StringIO):
 @pytest.mark.parametrize("mode", ["lines", "bar"])
 def test_a_display_that_fails_is_dropped(mode: str) -> None:
     """A display whose stream fails is dropped at the first failure and never
-    raises: a bar failing at its first drawing is no display at all."""
+    raises: lines at their first line, a bar at its first drawing (no display
+    at all)."""
     clock = FakeClock()
     progress = make_progress(mode, 3, stream=_Gone(), interval_s=1.0, clock=clock)
+    if mode == "bar":
+        assert isinstance(progress, NullProgress)
+    else:
+        assert isinstance(progress, SturdyProgress)
+        assert isinstance(progress.display, LineProgress)
     stats = StatsCollector(clock=clock)
     clock.advance(2.0)
     progress.refresh(stats)
@@ -427,8 +433,6 @@ def test_a_display_that_fails_is_dropped(mode: str) -> None:
     progress.close(stats)
     if isinstance(progress, SturdyProgress):
         assert progress.display is None
-    else:
-        assert isinstance(progress, NullProgress)
 
 
 def test_tqdm_is_imported_only_for_a_bar() -> None:
