@@ -53,6 +53,9 @@ _PATHS: Mapping[Endpoint, str] = {
 _BODY_SNIPPET = 300
 _LARGE_BODY = 1 << 20
 _SERVER_STATUSES = frozenset({408, 409, 425})
+# The error codes of a 429 that means the account is out of quota, not sending
+# too fast (OpenAI's; others answer such requests 402).
+_QUOTA_CODES = frozenset({"insufficient_quota"})
 
 
 @dataclass(slots=True)  # one per request: not frozen, which costs 0.4 us more
@@ -466,11 +469,24 @@ class APIClient:
     def _error(
         self, status: int, raw: bytes, headers: Mapping[str, str], url: str
     ) -> APIError:
-        detail = _error_message(raw) or self._snippet(raw)
+        stated, code = _error_fields(raw)
+        detail = stated or self._snippet(raw)
         detail = self._scrub(" ".join(detail.split()))[:_BODY_SNIPPET]
         request_id = headers.get("x-request-id")
         body = self._snippet(raw)
         message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+        if status == 402 or (status == 429 and code in _QUOTA_CODES):
+            # No retry or wait brings credit back, and every row would wait
+            # out its backoffs first: rate learning from these 429s slowed an
+            # account out of quota to one request a minute, with no row done.
+            return FatalAPIError(
+                f"HTTP {status} from {self.base_url}: the account's quota or"
+                f" credit is used up ({detail or 'no detail'}); once it is"
+                " topped up, the same command resumes",
+                status=status,
+                body=body,
+                request_id=request_id,
+            )
         if status == 429:
             return RateLimitError(
                 message,
@@ -511,18 +527,23 @@ class APIClient:
         return PermanentError(message, status=status, body=body, request_id=request_id)
 
 
-def _error_message(raw: bytes) -> str | None:
-    """The ``error.message`` of an OpenAI-style error body, if there is one."""
+def _error_fields(raw: bytes) -> tuple[str | None, str | None]:
+    """The ``error.message`` and ``error.code`` (or ``type``) of an
+    OpenAI-style error body, where it has them."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
-    if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict):
-            message = error.get("message") or error.get("detail")
-            if isinstance(message, str):
-                return message
-        elif isinstance(error, str):
-            return error
-    return None
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    error = data.get("error", data)
+    if isinstance(error, str):
+        return error, None
+    if not isinstance(error, dict):
+        return None, None
+    message = error.get("message") or error.get("detail")
+    code = error.get("code") or error.get("type")
+    return (
+        message if isinstance(message, str) else None,
+        code if isinstance(code, str) else None,
+    )

@@ -17,7 +17,8 @@ A failed *record* is data: it becomes a row with ``status == "error"``. A failed
         │   ├── APITimeoutError     no complete answer within the timeout
         │   └── MalformedResponseError  200 whose body is not a completion
         ├── PermanentError   other 4xx: a failed row, never retried
-        └── FatalAPIError    401/403, 404 for the endpoint or model: aborts the run
+        └── FatalAPIError    401/403, 404 for the endpoint or model, quota used up
+                             (402, or 429 insufficient_quota): aborts the run
             └── CircuitBreakerError  50 rows in a row failed the same permanent way
 
 ``PermanentError`` and ``FatalAPIError`` are siblings, so ``except PermanentError``
@@ -180,7 +181,8 @@ class PermanentError(APIError):
 
 
 class FatalAPIError(APIError):
-    """Raised on 401/403 or a 404 for the endpoint or model: the whole run aborts."""
+    """Raised on 401/403, a 404 for the endpoint or model, or an account out of
+    quota (402, or a 429 ``insufficient_quota``): the whole run aborts."""
 
 
 class CircuitBreakerError(FatalAPIError):

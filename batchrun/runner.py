@@ -263,6 +263,8 @@ class _Run:
         self.resumed = False
         self.skipped = self.retried = self.new = 0
         self.stopped_by: str | None = None
+        self.fatal: FatalAPIError | None = None
+        self.outer: anyio.abc.TaskGroup | None = None
         self.abandon = False
         self.reader_scope = anyio.CancelScope()
         self.workers_scope = anyio.CancelScope()
@@ -536,6 +538,7 @@ class _Run:
         records_in, records_out = anyio.create_memory_object_stream[PromptRecord](2 * n)
         results_in, results_out = anyio.create_memory_object_stream[Result](2 * n)
         async with anyio.create_task_group() as outer:
+            self.outer = outer
             if self.config.progress != "off":
                 outer.start_soon(self._show_progress)
             if handle_signals:
@@ -554,6 +557,8 @@ class _Run:
                     )
                 tg.start_soon(self._write, results_out)
             outer.cancel_scope.cancel()
+        if self.fatal is not None:
+            raise self.fatal
 
     async def _work_all(
         self,
@@ -579,11 +584,27 @@ class _Run:
                     self.abandon = True
                     outer.cancel_scope.cancel()
                     return
-                self.stopped_by = _SIGNAL_NAMES.get(signum, str(signum))
-                self.reader_scope.cancel()
-                if self.caller is not None:
-                    self.caller.abandon_waits()
-                outer.start_soon(self._end_grace)
+                self._stop(_SIGNAL_NAMES.get(signum, str(signum)), outer)
+
+    def _stop(self, reason: str, outer: anyio.abc.TaskGroup) -> None:
+        """Take no new rows; let the requests in flight finish within the grace."""
+        if self.stopped_by is not None:
+            return
+        self.stopped_by = reason
+        self.reader_scope.cancel()
+        if self.caller is not None:
+            self.caller.abandon_waits()
+        outer.start_soon(self._end_grace)
+
+    def _abort(self, error: FatalAPIError) -> None:
+        """Stop for ``error`` as for a signal, then raise it once the pipeline
+        has drained: answers that arrive meanwhile are paid for, and are
+        journaled. Raised at once, the error cancelled the writer, and the
+        results waiting for it were lost (4 of 60 in a test)."""
+        if self.fatal is None:
+            self.fatal = error
+        assert self.outer is not None
+        self._stop("aborting", self.outer)
 
     async def _end_grace(self) -> None:
         await anyio.sleep(self.config.grace_s)
@@ -729,6 +750,9 @@ class _Run:
                         result = await caller.call(record, slot)
                     except RowAbandoned:
                         continue  # stopping: the resumed run sends it again
+                    except FatalAPIError as exc:
+                        self._abort(exc)  # the row has no result: sent again
+                        continue
                     await _put(results, result)
         finally:
             slot.release()
@@ -783,7 +807,10 @@ class _Run:
                     journal.append(rows)
                     self.buffer.extend(rows)
                     self.stats.record(rows)
-                    self.circuit.check(rows)
+                    try:
+                        self.circuit.check(rows)
+                    except CircuitBreakerError as exc:
+                        self._abort(exc)
                     if (
                         len(self.buffer) >= limit
                         or journal.size >= _PART_BYTES

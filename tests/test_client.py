@@ -212,6 +212,42 @@ async def test_fatal_errors(sim: SimulatorHandle, status: int) -> None:
     assert error.status == status
 
 
+QUOTA = {
+    "error": {
+        "message": "You exceeded your current quota, please check your plan.",
+        "type": "insufficient_quota",
+        "param": None,
+        "code": "insufficient_quota",
+    }
+}
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(429, QUOTA), (402, {"error": "Payment Required"})],
+    ids=["429-insufficient_quota", "402"],
+)
+async def test_quota_used_up_is_fatal(
+    sim: SimulatorHandle, status: int, body: object
+) -> None:
+    """An account out of quota or credit is a FatalAPIError, not a rate limit
+    to wait out: no retry can succeed until it is topped up."""
+    error = await _post_error(sim, ScriptedResponse(status=status, body=body))
+    assert isinstance(error, FatalAPIError)
+    assert error.status == status
+    assert "quota or credit is used up" in str(error)
+    message = "You exceeded your current quota" if status == 429 else "Payment Required"
+    assert message in str(error)
+
+
+async def test_other_429_codes_are_rate_limits(sim: SimulatorHandle) -> None:
+    """A 429 with any other code (sending too fast) is still waited out."""
+    body = {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}
+    error = await _post_error(sim, ScriptedResponse(status=429, body=body))
+    assert isinstance(error, RateLimitError)
+    assert str(error) == "HTTP 429: Rate limit reached"
+
+
 async def test_404_without_v1_hints_at_it(sim: SimulatorHandle) -> None:
     """A 404 from a base URL without /v1 (the usual slip) says where it
     usually ends; one from a base URL with /v1 does not."""

@@ -6,6 +6,7 @@ backoffs and Retry-After pauses take no real time.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from batchrun import (
     arun,
 )
 from batchrun.config import ProgressMode, RateLimits, RetryPolicy
-from batchrun.journal import read_segment, segments
 from batchrun.retry import Sleep
 from batchrun.simulator import ScriptedResponse, SimulatorHandle
 
@@ -360,6 +360,30 @@ async def test_401_aborts_at_once(local_sim: LocalSimFactory, tmp_path: Path) ->
     assert sim.state.snapshot()["requests"] <= 16
 
 
+async def test_quota_used_up_aborts_at_once(
+    local_sim: LocalSimFactory, tmp_path: Path
+) -> None:
+    """An account that runs out of quota mid-run (429 insufficient_quota)
+    aborts the run at the first such answer, keeping the rows done. Waited
+    out as a rate limit, it slowed to a request a minute with no end."""
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    quota = {"error": {"message": "You exceeded your current quota", "code": None}}
+    quota["error"]["type"] = "insufficient_quota"
+    sim.state.enqueue(*[ScriptedResponse()] * 60)
+    sim.state.enqueue(*[ScriptedResponse(status=429, body=quota)] * 1000)
+    with pytest.raises(FatalAPIError, match="quota or credit is used up"):
+        await _run(sim, prompts(1000), tmp_path, vt, concurrency=4)
+    assert sim.state.snapshot()["requests"] <= 60 + 8
+    # Every answer paid for is kept, those that came in after the first 429
+    # included; the refused rows have no result and are sent on resume.
+    rows = read_results(tmp_path / "out")
+    assert [row["status"] for row in rows] == ["ok"] * 60
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "aborted"
+    assert "quota" in manifest["error"]
+
+
 async def test_circuit_breaker(local_sim: LocalSimFactory, tmp_path: Path) -> None:
     """Fifty rows in a row failing with the same 400 abort the run."""
     vt = VirtualTime()
@@ -371,14 +395,10 @@ async def test_circuit_breaker(local_sim: LocalSimFactory, tmp_path: Path) -> No
     with pytest.raises(CircuitBreakerError, match="50 rows in a row failed"):
         await _run(sim, prompts(1000), tmp_path, vt, concurrency=4)
     assert sim.state.snapshot()["requests"] < 100
-    # Every row that finished is in the journal, ready for the next run.
-    journaled = [
-        row
-        for _, path in segments(tmp_path / "out" / "journal")
-        for row in read_segment(path)
-    ]
-    assert len(journaled) >= 50
-    assert {row["http_status"] for row in journaled} == {400}
+    # Every row that finished is saved, ready for the next run.
+    rows = read_results(tmp_path / "out")
+    assert len(rows) >= 50
+    assert {row["http_status"] for row in rows} == {400}
 
 
 async def test_an_unreachable_endpoint_trips_the_breaker(tmp_path: Path) -> None:
@@ -395,14 +415,10 @@ async def test_an_unreachable_endpoint_trips_the_breaker(tmp_path: Path) -> None
     )
     with pytest.raises(CircuitBreakerError, match="50 rows in a row failed with: API"):
         await arun(config, clock=vt.clock, sleep=vt.sleep)
-    journaled = [
-        row
-        for _, path in segments(tmp_path / "out" / "journal")
-        for row in read_segment(path)
-    ]
-    assert 50 <= len(journaled) < 100
-    assert {row["attempts"] for row in journaled} == {3}
-    assert all(row["error"].startswith("APIConnectionError") for row in journaled)
+    rows = read_results(tmp_path / "out")
+    assert 50 <= len(rows) < 100
+    assert {row["attempts"] for row in rows} == {3}
+    assert all(row["error"].startswith("APIConnectionError") for row in rows)
 
 
 async def test_varied_400s_do_not_trip_the_breaker(
