@@ -108,6 +108,7 @@ class Caller:
         self._raw = raw_response
         self._waits: set[anyio.CancelScope] = set()
         self._abandoning = False
+        self.retries = 0
 
     @property
     def backing_off(self) -> int:
@@ -195,6 +196,7 @@ class Caller:
 
         async def attempt() -> tuple[Reply, Usage]:
             await slot.hold()
+            self.retries += 1
             return await self._attempt(record, cost, log)
 
         async def backoff(seconds: float) -> None:

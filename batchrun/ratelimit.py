@@ -219,6 +219,11 @@ class RateLimiter:
         """Whether any token budget is in force (then requests need estimates)."""
         return len(self._pacers) > ("rpm" in self._pacers)
 
+    @property
+    def learned_rpm(self) -> float | None:
+        """The request rate learned from 429s, if that is what paces requests."""
+        return self._pacers["rpm"].per_minute if self._learned else None
+
     def limits(self) -> dict[str, float]:
         """The per-minute limits in force now."""
         return {name: pacer.per_minute for name, pacer in self._pacers.items()}

@@ -619,11 +619,15 @@ class _Run:
 
     def _note(self) -> str:
         """The pool's state for the progress display."""
+        caller = self.caller
         return live_note(
             in_flight=self.concurrency.in_flight,
             limit=self.concurrency.limit,
-            backing_off=0 if self.caller is None else self.caller.backing_off,
+            retries=0 if caller is None else caller.retries,
+            rate_limited=self.limiter.rate_limited,
+            backing_off=0 if caller is None else caller.backing_off,
             waiting_s=self.limiter.waiting(),
+            learned_rpm=self.limiter.learned_rpm,
             stopping=self.stopped_by,
         )
 

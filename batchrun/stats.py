@@ -593,28 +593,38 @@ def live_note(
     *,
     in_flight: int,
     limit: int,
+    retries: int = 0,
+    rate_limited: int = 0,
     backing_off: int = 0,
     waiting_s: float = 0.0,
+    learned_rpm: float | None = None,
     stopping: str | None = None,
 ) -> str:
     """What the pool is doing now, for the progress display.
 
     A run near its end with one slow request, or with rows sitting out their
-    backoff, shows it here instead of looking hung.
+    backoff or held to a learned rate, shows it here instead of looking hung.
 
     Args:
         in_flight: Concurrency slots in use: requests sent and not yet
             answered, or about to be sent (waiting for the rate budget).
         limit: The current concurrency limit.
+        retries: Attempts after a row's first, so far (rows still retrying
+            included: counted from finished rows, a server refusing every
+            request showed none).
+        rate_limited: 429 answers so far.
         backing_off: Rows waiting out a retry backoff.
         waiting_s: Seconds left in a rate-limit pause.
-        stopping: The signal the run is stopping for, if any.
+        learned_rpm: The request rate learned from 429s, if one is in force.
+        stopping: Why the run is stopping (a signal, or an error), if it is.
     """
-    note = f"in flight {in_flight}/{limit}"
+    note = f"retries={retries} 429s={rate_limited} in flight {in_flight}/{limit}"
     if backing_off:
         note += f", {backing_off} backing off"
     if waiting_s > 0:
         note += f", waiting {waiting_s:.0f}s (rate limit)"
+    if learned_rpm is not None:
+        note += f", paced to {learned_rpm:.0f}/min (learned from 429s)"
     if stopping is not None:
         note += f", stopping ({stopping})"
     return note
@@ -650,8 +660,7 @@ class TqdmProgress:
         done = t.requests + stats.skipped
         _, tok_s = _rates(stats, t)
         self._bar.set_postfix_str(
-            f"ok={t.succeeded} failed={t.failed} tok/s={tok_s:.0f}"
-            f" retries={t.retries} 429s={t.rate_limited} {self._note()}",
+            f"ok={t.succeeded} failed={t.failed} tok/s={tok_s:.0f} {self._note()}",
             refresh=False,
         )
         self._bar.update(done - self._shown)
@@ -703,8 +712,7 @@ class LineProgress:
             eta = f" eta {max(self._total - done, 0) / rate:.0f}s"
         self._stream.write(
             f"batchrun: {done}{of} rows, ok={t.succeeded} failed={t.failed},"
-            f" {rate:.1f} rows/s, {tok_s:.0f} tok/s, retries={t.retries}"
-            f" 429s={t.rate_limited} {self._note()}{eta}\n"
+            f" {rate:.1f} rows/s, {tok_s:.0f} tok/s, {self._note()}{eta}\n"
         )
         self._stream.flush()
 

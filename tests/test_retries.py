@@ -7,6 +7,7 @@ backoffs and Retry-After pauses take no real time.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,43 @@ async def test_progress_shows_rows_backing_off(
     assert line.startswith("batchrun: 1/2 rows, ok=1 failed=0")
     assert "in flight 0/4, 1 backing off" in line
     assert stats.succeeded == 2
+
+
+async def test_progress_counts_429s_before_any_row_ends(
+    local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server refusing every request shows its 429s and the retries as they
+    happen. Counted from finished rows, the line read "retries=0 429s=0" for
+    as long as no row had finished."""
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    refused = ScriptedResponse(status=429, headers={"retry-after": "3"})
+    sim.state.enqueue(*[refused] * 12)
+    shown = anyio.Event()
+    err: list[str] = []
+    counted = re.compile(r"ok=0 failed=0, .* retries=([1-9]\d*) 429s=(\d+) ")
+
+    async def sleep(seconds: float) -> None:
+        await vt.sleep(seconds)
+        if vt.offset > 11 and not shown.is_set():
+            await shown.wait()  # past the display's 10 s: held until it shows
+
+    async def watch() -> None:
+        with anyio.fail_after(20):
+            while not counted.search("".join(err)):
+                await anyio.sleep(0.05)
+                err.append(capsys.readouterr().err)
+        shown.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        stats = await _run(
+            sim, prompts(4), tmp_path, vt, progress="lines", sleep=sleep, probe=None
+        )
+    counts = counted.search("".join(err))
+    assert counts is not None
+    assert int(counts[2]) > int(counts[1])
+    assert stats.succeeded == 4
 
 
 async def test_503_retry_after_is_honoured(

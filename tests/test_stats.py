@@ -355,12 +355,20 @@ def test_line_progress_without_total() -> None:
 
 def test_live_note() -> None:
     """The pool's state: requests in flight always, the rest only when it applies."""
-    assert live_note(in_flight=3, limit=32) == "in flight 3/32"
+    assert live_note(in_flight=3, limit=32) == "retries=0 429s=0 in flight 3/32"
     note = live_note(
-        in_flight=0, limit=16, backing_off=2, waiting_s=4.6, stopping="SIGINT"
+        in_flight=0,
+        limit=16,
+        retries=7,
+        rate_limited=9,
+        backing_off=2,
+        waiting_s=4.6,
+        learned_rpm=59.6,
+        stopping="SIGINT",
     )
     assert note == (
-        "in flight 0/16, 2 backing off, waiting 5s (rate limit), stopping (SIGINT)"
+        "retries=7 429s=9 in flight 0/16, 2 backing off, waiting 5s (rate limit),"
+        " paced to 60/min (learned from 429s), stopping (SIGINT)"
     )
 
 
