@@ -782,6 +782,33 @@ def test_a_429_before_a_second_of_answers_learns_nothing() -> None:
     assert "rpm" not in limiter.limits()
 
 
+def _refusals(limiter: RateLimiter, ft: FakeTime, seconds: int) -> None:
+    """A 429 a second, and no answer, for ``seconds``."""
+    for _ in range(seconds):
+        ft.now += 1
+        limiter.follow({}, now=True)
+        limiter.throttled()
+
+
+def test_429s_without_answers_teach_no_rate() -> None:
+    """A server refusing every request (an outage, a model loading) shows no
+    rate: none is learned from it, and a learned one is not cut through it.
+    Cut each second, a learned rate fell to one request a minute, and grew
+    back by a twentieth every 5 s."""
+    ft = FakeTime()
+    limiter = make_limiter(RateLimits(), ft)
+    _refusals(limiter, ft, 5)
+    assert "rpm" not in limiter.limits()
+    _answers(limiter, ft, 2.0, 10)
+    limiter.throttled()
+    learned = limiter.limits()["rpm"]
+    _refusals(limiter, ft, 30)
+    assert limiter.limits()["rpm"] == learned
+    _answers(limiter, ft, 1.0, 10)
+    limiter.throttled()  # answers again, and a 429 among them: a real cut
+    assert limiter.limits()["rpm"] == pytest.approx(learned * 0.8)
+
+
 def test_a_stated_budget_is_never_replaced_by_a_learned_one() -> None:
     """The user's --rpm, or the server's header once it states one, rules."""
     ft = FakeTime()
