@@ -433,8 +433,13 @@ class APIClient:
                 except ValueError:
                     raise self._not_json(status, raw, headers) from exc
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                # Some gateways (OpenRouter) answer 200 with an error body.
+                stated = None
+                if isinstance(data, dict) and "error" in data:
+                    stated, _ = _stated_error(data)
+                detail = f": {self._scrub(stated)[:_BODY_SNIPPET]}" if stated else ""
                 raise MalformedResponseError(
-                    f"HTTP {status} without choices",
+                    f"HTTP {status} without choices{detail}",
                     status=status,
                     body=self._snippet(raw),
                     data=data if isinstance(data, dict) else None,
@@ -534,6 +539,11 @@ def _error_fields(raw: bytes) -> tuple[str | None, str | None]:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None, None
+    return _stated_error(data)
+
+
+def _stated_error(data: object) -> tuple[str | None, str | None]:
+    """``_error_fields`` of a body already parsed."""
     if not isinstance(data, dict):
         return None, None
     error = data.get("error", data)

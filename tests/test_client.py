@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 from yarl import URL
 
@@ -318,8 +319,29 @@ async def test_ok_without_choices(sim: SimulatorHandle) -> None:
     """A 200 with valid JSON but no choices is a MalformedResponseError."""
     error = await _post_error(sim, ScriptedResponse(body={"foo": 1}))
     assert isinstance(error, MalformedResponseError)
-    assert "without choices" in str(error)
+    assert str(error) == "HTTP 200 without choices"
     assert error.body == '{"foo":1}'
+
+
+@pytest.mark.parametrize("body", [5, "text", ["error"], {"error": None}])
+async def test_ok_without_choices_or_error_message(
+    sim: SimulatorHandle, body: object
+) -> None:
+    """A 200 of any other JSON says only that it has no choices."""
+    error = await _post_error(sim, ScriptedResponse(body=orjson.dumps(body)))
+    assert isinstance(error, MalformedResponseError)
+    assert str(error) == "HTTP 200 without choices"
+
+
+async def test_ok_with_an_error_body_says_the_error(sim: SimulatorHandle) -> None:
+    """A gateway's 200 holding an error (OpenRouter's, when the model behind it
+    fails) names that error: it is retried, and a row that runs out of
+    attempts says why instead of only "without choices"."""
+    body = {"error": {"message": "Upstream provider timed out", "code": 502}}
+    error = await _post_error(sim, ScriptedResponse(body=body))
+    assert isinstance(error, MalformedResponseError)
+    assert isinstance(error, TransientError)
+    assert str(error) == "HTTP 200 without choices: Upstream provider timed out"
 
 
 async def test_timeout(sim: SimulatorHandle) -> None:
