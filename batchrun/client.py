@@ -420,7 +420,8 @@ class APIClient:
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, TimeoutError) or deadlines.expired():
                 raise APITimeoutError(
-                    f"no response within {deadlines.limit_s:g} s"
+                    f"no response within {deadlines.limit_s:g} s (--timeout; a long"
+                    " answer may need more)"
                 ) from exc
             message = self._scrub(str(exc) or type(exc).__name__)
             raise APIConnectionError(f"{type(exc).__name__}: {message}") from exc
