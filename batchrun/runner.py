@@ -109,10 +109,20 @@ def run(config: RunConfig) -> RunStats:
     (see ``arun``).
 
     Raises:
-        ConfigError, InputError: Before any request is sent.
+        ConfigError, InputError: Before any request is sent. Also when this
+            thread runs an event loop already (a notebook): use ``arun``.
         FatalAPIError: The endpoint refused the key, model or URL; run aborted.
         OutputError: Results could not be written; run aborted.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise ConfigError(
+            "batchrun.run() blocks, and this thread runs an event loop already"
+            " (a notebook, or async code): use 'await batchrun.arun(config)'"
+        )
     main = threading.current_thread() is threading.main_thread()
     return anyio.run(
         _arun_signals if main else arun,

@@ -445,3 +445,28 @@ def test_parts_flush_every_n_rows(sim: SimulatorHandle, tmp_path: Path) -> None:
     parts = sorted(p.name for p in (tmp_path / "out" / "results").iterdir())
     assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert len(read_results(tmp_path / "out")) == 250
+
+
+async def test_run_inside_an_event_loop_points_to_arun(tmp_path: Path) -> None:
+    """The blocking run() called where an event loop runs (a notebook's cell)
+    says to await arun() instead of anyio's "Already running asyncio in this
+    thread", and touches nothing."""
+    from batchrun import (
+        ConfigError,
+        EndpointConfig,
+        OutputOptions,
+        RequestOptions,
+        RunConfig,
+        run,
+    )
+
+    config = RunConfig(
+        inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(3)),),
+        output=OutputOptions(out_dir=tmp_path / "out"),
+        endpoint=EndpointConfig(mock=True),
+        request=RequestOptions(model="m"),
+        progress="off",
+    )
+    with pytest.raises(ConfigError, match=r"use 'await batchrun.arun\(config\)'"):
+        run(config)
+    assert not (tmp_path / "out").exists()
