@@ -609,9 +609,9 @@ def live_note(
         in_flight: Concurrency slots in use: requests sent and not yet
             answered, or about to be sent (waiting for the rate budget).
         limit: The current concurrency limit.
-        retries: Attempts after a row's first, so far (rows still retrying
-            included: counted from finished rows, a server refusing every
-            request showed none).
+        retries: Attempts after a row's first so far, rows still retrying
+            included. (Counted from finished rows only, a server refusing
+            every request showed none.)
         rate_limited: 429 answers so far.
         backing_off: Rows waiting out a retry backoff.
         waiting_s: Seconds left in a rate-limit pause.
