@@ -11,7 +11,9 @@ Each result appears once. A key is the row id, or the id and its sweep variant
 when the row has one; when a key occurs more than once (a resumed run, or one
 still going or crashed before compacting), the latest row wins. Rows only in
 the journal (segments after the manifest's ``parts_through``) are newer than
-every part. Rows come out sorted by id, then variant (rows without one first).
+every part. Rows come out in input order (the ``row`` column), a row's sweep
+variants together and by name (rows without one first); rows of parts written
+before results had a ``row`` come last, by id.
 
 Memory grows with the keys only. A first pass reads the id and variant columns
 to find each key's latest row and the output order; a second pass streams the
@@ -54,6 +56,7 @@ from .sinks import (
     PartWriter,
     Row,
     atomic_write,
+    conform,
     infer_type,
     latest_rows,
     list_parts,
@@ -198,13 +201,14 @@ def _plan(out_dir: Path) -> _Plan:
     sources: list[_Source] = []
     schemas = [RESULT_SCHEMA]
     ids: list[pa.Array] = []
+    positions: list[pa.Array] = []
     variants: list[pa.Array] = []
     size = 0  # bytes of every row, uncompressed
     for number, path in parts:
         try:
             metadata = pq.read_metadata(path)
             schema = metadata.schema.to_arrow_schema()
-            columns = [name for name in ("id", "variant") if name in schema.names]
+            columns = [n for n in ("id", "row", "variant") if n in schema.names]
             keys = pq.read_table(path, columns=columns)
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"cannot read {path}: {exc}") from exc
@@ -215,6 +219,7 @@ def _plan(out_dir: Path) -> _Plan:
         schemas.append(schema)
         sources.append(_Source(number, len(keys), path))
         ids.append(keys.column("id").combine_chunks().cast(pa.string()))
+        positions.append(_positions_in_input(keys))
         variants.append(_variants(keys))
     schema = _unify([*schemas, _journal_schema(pending, schemas)], out_dir)
     for number, path, rows in pending:
@@ -222,24 +227,31 @@ def _plan(out_dir: Path) -> _Plan:
         size += table.nbytes
         sources.append(_Source(number, len(table), path, table))
         ids.append(table.column("id").combine_chunks())
+        positions.append(_positions_in_input(table))
         variants.append(_variants(table))
 
     all_ids = pa.chunked_array(ids, pa.string())
     all_variants = pa.chunked_array(variants, pa.string())
     winners = latest_rows(_keys(all_ids, all_variants))
     chosen_variants = all_variants.take(winners)
-    # Sorting on "has a variant" before the variant puts rows without one
-    # first without SortOptions.null_placement, whose spelling differs across
-    # pyarrow versions.
+    chosen_positions = pa.chunked_array(positions, pa.int64()).take(winners)
+    # Sorting on "has a position" and "has a variant" first puts rows without
+    # one last (a row written before results had a position) or first (a row
+    # outside a sweep) without SortOptions.null_placement, whose spelling
+    # differs across pyarrow versions.
     order = pc.sort_indices(
         pa.table(
             {
+                "no_row": pc.is_null(chosen_positions),
+                "row": chosen_positions,
                 "id": all_ids.take(winners),
                 "has_variant": pc.is_valid(chosen_variants),
                 "variant": chosen_variants,
             }
         ),
         sort_keys=[
+            ("no_row", "ascending"),
+            ("row", "ascending"),
             ("id", "ascending"),
             ("has_variant", "ascending"),
             ("variant", "ascending"),
@@ -295,9 +307,15 @@ def _journal_table(rows: Sequence[Row], schema: pa.Schema, path: Path) -> pa.Tab
     it rolls the segment into a part."""
     extra = {f.name: f.type for f in schema if f.name not in RESULT_SCHEMA.names}
     try:
-        return _conform(PartWriter(path.parent, kept=extra).table(rows), schema)
+        return conform(PartWriter(path.parent, kept=extra).table(rows), schema)
     except pa.ArrowException as exc:
         raise OutputError(f"cannot read {path}: {exc}") from exc
+
+
+def _positions_in_input(table: pa.Table) -> pa.Array:
+    if "row" not in table.column_names:
+        return pa.nulls(len(table), pa.int64())
+    return table.column("row").combine_chunks().cast(pa.int64())
 
 
 def _variants(table: pa.Table) -> pa.Array:
@@ -322,20 +340,6 @@ def _positions(values: pa.Array) -> array[int]:
     return out
 
 
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` with the columns of ``schema``: cast, and nulls where missing."""
-    if table.schema == schema:
-        return table
-    names = set(table.column_names)
-    columns = [
-        table.column(f.name).cast(f.type)
-        if f.name in names
-        else pa.nulls(len(table), f.type)
-        for f in schema
-    ]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
 def _source_tables(
     source: _Source, schema: pa.Schema, chunk_rows: int
 ) -> Iterator[pa.Table]:
@@ -349,7 +353,7 @@ def _source_tables(
         try:
             for batch in parquet.iter_batches(batch_size=chunk_rows):
                 seen += batch.num_rows
-                yield _conform(pa.Table.from_batches([batch]), schema)
+                yield conform(pa.Table.from_batches([batch]), schema)
         finally:
             parquet.close()
     except FileNotFoundError as exc:

@@ -62,6 +62,8 @@ class PromptRecord:
         variant: The sweep cell this request belongs to, if any.
         payload: ``body`` encoded as sent (``payload.encode_body``); empty
             for a record built only to be checked, which is never sent.
+        row: The row's position in the input, from 0, counted through every
+            input file in order.
     """
 
     id: str
@@ -72,6 +74,7 @@ class PromptRecord:
     request_hash: int = 0
     variant: str | None = None
     payload: bytes = b""
+    row: int | None = None
 
     @property
     def model(self) -> str:

@@ -654,7 +654,6 @@ class _Run:
         out: list[PromptRecord | Result] = []
         for offset, row in enumerate(batch.rows):
             row_id = builder.row_id(row, position)
-            position += 1
             # One request per sweep cell, row by row: a partial sweep stays
             # balanced across the cells.
             for variant, cell in self.cells:
@@ -664,12 +663,14 @@ class _Run:
                 except InputError as exc:
                     # The scan passed, so this failed while rendering: a failed row.
                     message = str(locate(exc, batch, offset))
-                    out.append(self._input_failure(row_id, message, name))
+                    out.append(self._input_failure(row_id, position, message, name))
                     continue
                 record.variant = name
+                record.row = position
                 if self._skip(index, record, skip_failed):
                     continue
                 out.append(record)
+            position += 1
         return out, position
 
     def _skip(
@@ -688,11 +689,14 @@ class _Run:
         self.new += 1
         return False
 
-    def _input_failure(self, row_id: str, message: str, variant: str | None) -> Result:
+    def _input_failure(
+        self, row_id: str, position: int, message: str, variant: str | None
+    ) -> Result:
         request = self.config.request
         body = {} if request.model is None else {"model": request.model}
         record = PromptRecord(row_id, request.endpoint or "completions", body, "")
         record.variant = variant
+        record.row = position
         return failed_result(record, f"InputError: {message}")
 
     async def _read(

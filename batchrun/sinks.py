@@ -39,6 +39,7 @@ __all__ = [
     "Row",
     "clear_output",
     "compact",
+    "conform",
     "has_output",
     "infer_type",
     "key_of",
@@ -71,6 +72,7 @@ _CHOICE = pa.struct(
 RESULT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("row", pa.int64()),
         ("status", pa.string()),
         ("endpoint", pa.string()),
         ("model", pa.string()),
@@ -193,6 +195,7 @@ def result_row(
         response = response.decode("utf-8", "replace")
     row: Row = {
         "id": record.id,
+        "row": record.row,
         "status": result.status,
         "endpoint": record.endpoint,
         "model": record.model,
@@ -485,10 +488,9 @@ def compact(
                 if stop is not None and stop.is_set():
                     raise CompactionStopped
                 table = pa.Table.from_batches([batch])
-                if not table.schema.equals(schema):
-                    # Only when needed: cast imports pyarrow.compute (about
-                    # 45 ms) even for a table of the same schema.
-                    table = table.cast(schema)
+                # Only when needed: a cast imports pyarrow.compute (about
+                # 45 ms) even for a table of the same schema.
+                table = conform(table, schema)
                 if keep is not None:
                     lo = bisect_left(keep, offset)
                     hi = bisect_left(keep, offset + len(table))
@@ -522,6 +524,21 @@ def compact(
             raise
         raise OutputError(f"cannot compact {results_dir}: {exc}") from exc
     return len(temps)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with the columns of ``schema``: cast, and nulls where missing
+    (a part written before a column existed)."""
+    if table.schema.equals(schema):
+        return table
+    names = set(table.column_names)
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in names
+        else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -185,12 +185,14 @@ def make_row(
     variant: str | None = None,
     started_at: float = 1.0,
     log: AttemptLog | None = None,
+    position: int | None = None,
 ) -> dict[str, Any]:
-    """A result row as the runner journals it and writes it to parts."""
+    """A result row as the runner journals it and writes it to parts;
+    ``position`` is its ``row``, the input row it answers."""
     ok = status == "ok"
     answer = {"choices": [{"index": 0, "text": completion, "finish_reason": "stop"}]}
     result = Result(
-        record=PromptRecord(row_id, "completions", {"model": "m"}, "p"),
+        record=PromptRecord(row_id, "completions", {"model": "m"}, "p", row=position),
         status=status,
         usage=Usage(1, 2, 3) if ok else Usage(),
         http_status=200 if ok else 400,

@@ -358,6 +358,28 @@ def test_right_key_is_sent(
             assert b"right-key-abcdef" not in path.read_bytes()
 
 
+def test_each_result_names_its_input_row(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """``row`` is the input position, counted on through a second input file:
+    sorted by it, results line up with the input whatever order they were
+    answered in. Rows without ids (ids are positions too) included."""
+    sim = sim_factory(latency_ms=1, seed=3)
+    first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}"} for i in range(12)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}"} for i in range(5)])
+    rows = [*(f"a{i}" for i in range(12)), *(f"b{i}" for i in range(5))]
+    out = tmp_path / "out"
+    code = run_cli(
+        "run", first, second, "-o", out, "--base-url", sim.base_url, "--model", "m",
+        "--concurrency", "8", "--quiet",
+    )  # fmt: skip
+    assert code == 0
+    results = sorted(read_results(out), key=lambda r: int(r["row"]))
+    assert [r["row"] for r in results] == list(range(17))
+    assert [r["prompt"] for r in results] == rows
+    assert [r["id"] for r in results] == [str(i) for i in range(17)]
+
+
 def test_parts_end_at_a_size(sim: SimulatorHandle, tmp_path: Path) -> None:
     """Results of long prompts go into parts of about 16 MiB, not 1,000 rows:
     with prompts of 200 KB, parts of 1,000 rows took the peak RSS to 1.7 GB."""

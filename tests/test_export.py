@@ -18,7 +18,7 @@ from batchrun.export import FORMATS, export_results
 from batchrun.journal import Journal
 from batchrun.records import AttemptLog
 from batchrun.simulator import ScriptedResponse, SimulatorHandle
-from batchrun.sinks import RESULT_SCHEMA, PartWriter
+from batchrun.sinks import RESULT_SCHEMA, PartWriter, part_path
 
 from .helpers import make_row, prompts, read_results, run_against, write_jsonl
 
@@ -78,9 +78,15 @@ def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+# Ids whose order as text (row-0, row-1, row-10, row-11, row-2, ...) is not
+# their input order.
+INPUT_IDS = [f"row-{i}" for i in range(12)]
+
+
 def _run_with_one_400(sim: SimulatorHandle, tmp_path: Path) -> Path:
     """A finished run of 12 ok rows and one row the server rejects with 400."""
     rows = [*prompts(12), {"id": "bad", "prompt": "Refuse [[sim:status=400]]"}]
+    assert [row["id"] for row in rows[:12]] == INPUT_IDS
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out"
     assert run_against(sim, inp, out) == 1
@@ -88,14 +94,15 @@ def _run_with_one_400(sim: SimulatorHandle, tmp_path: Path) -> Path:
 
 
 def test_openai_batch_matches_the_results(sim: SimulatorHandle, tmp_path: Path) -> None:
-    """Each line carries a result's id and its response body, sorted by id."""
+    """Each line carries a result's id and its response body, in input order."""
     out = _run_with_one_400(sim, tmp_path)
     before = _snapshot(out)
     dest = tmp_path / "batch_output.jsonl"
     assert export_results(out, "openai-batch", dest) == 13
     assert _snapshot(out) == before
-    results = read_results(out)
+    results = sorted(read_results(out), key=lambda r: int(r["row"]))
     lines = _lines(dest)
+    assert [line["custom_id"] for line in lines] == [*INPUT_IDS, "bad"]
     assert [line["custom_id"] for line in lines] == [r["id"] for r in results]
     for line, result in zip(lines, results, strict=True):
         body = json.loads(result["response"])
@@ -165,7 +172,7 @@ def test_jsonl_round_trips_ids_and_statuses(
     dest = tmp_path / "results.jsonl"
     assert export_results(out, "jsonl", dest) == 13
     rows = _lines(dest)
-    results = read_results(out)
+    results = sorted(read_results(out), key=lambda r: int(r["row"]))
     assert [(r["id"], r["status"]) for r in rows] == [
         (r["id"], r["status"]) for r in results
     ]
@@ -174,13 +181,13 @@ def test_jsonl_round_trips_ids_and_statuses(
         assert row["started_at"].endswith("Z")
         assert datetime.fromisoformat(row["started_at"]) == result["started_at"]
         assert row["choices"] == result["choices"]
-    assert isinstance(rows[-1]["choices"], list)
+    assert isinstance(rows[0]["choices"], list)
 
 
 def test_parquet_is_one_file_with_each_id_once(
     sim: SimulatorHandle, tmp_path: Path
 ) -> None:
-    """One readable file, sorted by id, with the full results schema."""
+    """One readable file, in input order, with the full results schema."""
     out = _run_with_one_400(sim, tmp_path)
     dest_dir = tmp_path / "export"
     dest_dir.mkdir()
@@ -188,8 +195,8 @@ def test_parquet_is_one_file_with_each_id_once(
     assert export_results(out, "parquet", dest) == 13
     assert list(dest_dir.iterdir()) == [dest]  # no temp file or spill left
     table = pq.read_table(dest)
-    ids = table.column("id").to_pylist()
-    assert ids == sorted({r["id"] for r in read_results(out)})
+    assert table.column("id").to_pylist() == [*INPUT_IDS, "bad"]
+    assert table.column("row").to_pylist() == list(range(13))
     assert set(RESULT_SCHEMA.names) <= set(table.column_names)
 
 
@@ -286,10 +293,10 @@ def test_journal_rows_convert_like_parts(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_many_parts_come_out_sorted(
+def test_many_parts_come_out_in_input_order(
     tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows scattered over parts and batches are gathered in id order."""
+    """Rows scattered over parts and batches are gathered in input order."""
     monkeypatch.setattr(export, "_CHUNK_ROWS", 3)  # many batches and chunks
     _export_scattered_rows(tmp_path, fmt)
 
@@ -305,17 +312,29 @@ def test_long_rows_come_out_in_chunks_of_a_size(
 
 
 def _export_scattered_rows(tmp_path: Path, fmt: str) -> None:
-    """Export rows scattered over parts, some retried, and check their order."""
+    """Export rows scattered over parts, some retried, and check their order:
+    the input's (here not the ids'), then, by id, rows of a part written
+    before results had a position."""
     ids = [f"id-{i:03d}" for i in range(40)]
+    order = ids[::-1]  # the input order
     random.Random(7).shuffle(ids)
     retried = set(ids[::5])
-    parts = [[make_row(i, "error" if i in retried else "ok") for i in ids[:25]]]
-    parts.append([make_row(i) for i in ids[25:]])
-    parts.append([make_row(i) for i in sorted(retried, reverse=True)])
-    out = _make_out(tmp_path / "out", parts, parts_through=2)
+
+    def row(row_id: str, status: str = "ok") -> dict[str, Any]:
+        return make_row(row_id, status, position=order.index(row_id))
+
+    parts = [[row(i, "error" if i in retried else "ok") for i in ids[:25]]]
+    parts.append([row(i) for i in ids[25:]])
+    parts.append([row(i) for i in sorted(retried, reverse=True)])
+    parts.append([make_row(f"old-{i}") for i in (2, 1)])
+    out = _make_out(tmp_path / "out", parts, parts_through=3)
+    # A part written before results had a "row" column.
+    path = part_path(out / "results", 3)
+    pq.write_table(pq.read_table(path).drop_columns(["row"]), path)
     dest = tmp_path / f"export.{fmt}"
-    assert export_results(out, fmt, dest) == 40
-    assert _exported(fmt, dest) == [(i, None, "ok") for i in sorted(ids)]
+    assert export_results(out, fmt, dest) == 42
+    expected = [(i, None, "ok") for i in [*order, "old-1", "old-2"]]
+    assert _exported(fmt, dest) == expected
 
 
 def test_empty_output_exports_no_rows(tmp_path: Path) -> None:

@@ -53,6 +53,19 @@ def test_many_parts_are_merged(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_parts_without_a_newer_column_are_merged(tmp_path: Path) -> None:
+    """A part written before results had a column (``row``) is merged with
+    nulls in it, not refused: a cast needs the same columns."""
+    writer = PartWriter(tmp_path)
+    for n in range(6):
+        writer.write(n, [make_row(f"{n}-{i}", position=5 * n + i) for i in range(5)])
+    old = list_parts(tmp_path)[0][1]
+    pq.write_table(pq.read_table(old).drop_columns(["row"]), old)
+    assert compact(tmp_path, writer.schema, dedupe=False, min_parts=4) == 1
+    rows = _read(tmp_path)
+    assert [r["row"] for r in rows] == [None] * 5 + list(range(5, 30))
+
+
 class _StopAfter(threading.Event):
     """Set once it has been asked ``checks`` times: a Ctrl-C mid-compaction."""
 

@@ -75,6 +75,8 @@ def test_sweep_grid_gives_a_row_per_cell(sim: SimulatorHandle, tmp_path: Path) -
     assert row["template"] in ("plain", "fewshot")
     assert row["topic"].startswith("topic number")
     assert sim.state.snapshot()["requests"] == 2400
+    # Every cell of a row names the same input row.
+    assert all(r["row"] == int(r["id"][1:]) for r in results)
 
 
 def test_usage_per_variant_adds_up(sim: SimulatorHandle, tmp_path: Path) -> None:
