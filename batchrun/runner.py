@@ -95,6 +95,8 @@ _GATHER_S = 0.002
 # with prompts of 200 KB, parts of 1,000 rows took the peak RSS to 1.7 GB.
 _PART_BYTES = 16 << 20
 _SLOW_S = 1.0
+# With no answer at all this long after the first requests, the display says so.
+_FIRST_ANSWER_S = 10.0
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
@@ -623,9 +625,34 @@ class _Run:
     async def _show_progress(self) -> None:
         progress = self.progress
         assert progress is not None
+        first_answer_due: float | None = self.clock() + _FIRST_ANSWER_S
         while True:
             await anyio.sleep(_PROGRESS_TICK_S)
             progress.refresh(self.stats)
+            if first_answer_due is not None and self.clock() >= first_answer_due:
+                first_answer_due = None
+                self._tell_if_unanswered(progress)
+
+    def _tell_if_unanswered(self, progress: Progress) -> None:
+        """Say so if requests are out and nothing has come back at all: a
+        server that takes connections and never answers (a wrong port behind
+        a proxy, a model still loading) showed only "in flight 8/8"."""
+        caller = self.caller
+        waiting = self.concurrency.in_flight
+        if (
+            caller is None
+            or not waiting
+            or self.stats.session.requests
+            or caller.retries
+            or self.limiter.rate_limited
+        ):
+            return
+        limit = self.config.endpoint.timeout_s
+        progress.message(
+            f"no answer yet from {caller.client.base_url} after"
+            f" {_FIRST_ANSWER_S:g} s ({waiting} requests out); a request gives"
+            f" up after {limit:g} s (--timeout)"
+        )
 
     def _note(self) -> str:
         """The pool's state for the progress display."""

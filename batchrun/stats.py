@@ -559,7 +559,7 @@ class Progress(Protocol):
         """Show the final counters and release the display."""
 
     def message(self, text: str) -> None:
-        """Show a line about work after the last row (``close`` was called)."""
+        """Show a line of news, during the run or after its last row."""
 
 
 class NullProgress:
@@ -652,6 +652,7 @@ class TqdmProgress:
         )
         self._stream = stream
         self._shown = 0
+        self._closed = False
 
     def refresh(self, stats: StatsCollector) -> None:
         """Advance the bar to the collector's count."""
@@ -670,10 +671,14 @@ class TqdmProgress:
         """Final update, then close the bar."""
         self.refresh(stats)
         self._bar.close()
+        self._closed = True
 
     def message(self, text: str) -> None:
-        """A line under the closed bar."""
-        say(text, self._stream)
+        """A line above the bar (tqdm redraws it below), or under it once closed."""
+        if self._closed:
+            say(text, self._stream)
+        else:
+            self._bar.write(f"batchrun: {text}", file=self._stream)
 
 
 class LineProgress:

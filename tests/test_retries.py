@@ -6,6 +6,7 @@ backoffs and Retry-After pauses take no real time.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -181,6 +182,39 @@ async def test_progress_counts_429s_before_any_row_ends(
     assert counts is not None
     assert int(counts[2]) > int(counts[1])
     assert stats.succeeded == 4
+
+
+async def test_a_server_that_never_answers_is_named(
+    local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten seconds with requests out and nothing back, the display says so,
+    once, naming the server and the timeout: "in flight 4/4" alone looks the
+    same for a slow answer and for none."""
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    sim.state.enqueue(*[ScriptedResponse(delay_ms=600_000)] * 4)
+    err = ""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            functools.partial(
+                _run, sim, prompts(4), tmp_path, vt, progress="lines", probe=False
+            )
+        )
+        with anyio.fail_after(10):
+            while "no answer yet" not in err:
+                await anyio.sleep(0.05)
+                vt.offset += 0.5  # ten virtual seconds a real second
+                err += capsys.readouterr().err
+        for _ in range(40):  # a few more of the display's ticks
+            await anyio.sleep(0.05)
+            vt.offset += 0.5
+        tg.cancel_scope.cancel()
+    err += capsys.readouterr().err
+    said = [line for line in err.splitlines() if "no answer yet" in line]
+    assert said == [
+        f"batchrun: no answer yet from {sim.base_url} after 10 s (4 requests out);"
+        " a request gives up after 30 s (--timeout)"
+    ]
 
 
 async def test_503_retry_after_is_honoured(
