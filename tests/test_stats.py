@@ -474,3 +474,17 @@ def test_make_progress_bar() -> None:
     text = out.getvalue()
     assert "2/3" in text
     assert "failed=1" in text
+
+
+def test_bar_message_mid_run_keeps_the_bar() -> None:
+    """A message while the bar is up is written above it and the bar drawn
+    again below; once closed, a message is a line of its own."""
+    out = io.StringIO()
+    progress = TqdmProgress(10, out)
+    progress.message("no answer yet")
+    mid = out.getvalue()
+    assert "batchrun: no answer yet\n" in mid
+    assert mid.rindex("0/10") > mid.index("batchrun: no answer yet")
+    progress.close(StatsCollector(FakeClock()))
+    progress.message("compacting")
+    assert out.getvalue().endswith("\nbatchrun: compacting\n")
