@@ -613,8 +613,14 @@ class _Run:
         has drained: answers that arrive meanwhile are paid for, and are
         journaled. Raised at once, the error cancelled the writer, and the
         results waiting for it were lost (4 of 60 in a test)."""
-        if self.fatal is None:
-            self.fatal = error
+        if self.fatal is not None:
+            return
+        self.fatal = error
+        if self.concurrency.in_flight and self.progress is not None:
+            self.progress.message(
+                f"aborting ({error}); keeping the answers of the requests in"
+                f" flight (waiting up to {self.config.grace_s:g} s, --grace)"
+            )
         assert self.outer is not None
         self._stop("aborting", self.outer)
 
@@ -796,6 +802,7 @@ class _Run:
                     except RowAbandoned:
                         continue  # stopping: the resumed run sends it again
                     except FatalAPIError as exc:
+                        slot.release()  # this request is over; others may not be
                         self._abort(exc)  # the row has no result: sent again
                         continue
                     await _put(results, result)

@@ -456,6 +456,23 @@ async def test_quota_used_up_aborts_at_once(
     assert "quota" in manifest["error"]
 
 
+async def test_an_abort_keeps_the_answers_in_flight(
+    local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Answers still coming when the run aborts are paid for: the run says it
+    waits for them, and keeps them."""
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    quota = {"error": {"message": "out of quota", "code": "insufficient_quota"}}
+    sim.state.enqueue(*[ScriptedResponse(delay_ms=300)] * 3)
+    sim.state.enqueue(*[ScriptedResponse(status=429, body=quota)] * 10)
+    with pytest.raises(FatalAPIError, match="quota or credit is used up"):
+        await _run(sim, prompts(20), tmp_path, vt, progress="lines", probe=False)
+    said = capsys.readouterr().err
+    assert "; keeping the answers of the requests in flight (waiting up to 30 s" in said
+    assert [row["status"] for row in read_results(tmp_path / "out")] == ["ok"] * 3
+
+
 async def test_circuit_breaker(local_sim: LocalSimFactory, tmp_path: Path) -> None:
     """Fifty rows in a row failing with the same 400 abort the run."""
     vt = VirtualTime()
