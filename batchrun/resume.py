@@ -302,6 +302,9 @@ def status_report(out_dir: Path) -> str:
     rows = manifest.get("counts", {}).get("input_rows")
     total = None if rows is None else rows * cells
     state = manifest.get("status", "unknown")
+    reason = manifest.get("error")
+    if state == "aborted" and isinstance(reason, str) and reason:
+        state = f"aborted: {reason}"
     if state == "running":
         held = OutputLock.held(out_dir)
         alive = _alive(manifest.get("pid")) if held is None else held

@@ -343,6 +343,11 @@ def test_401_aborts_and_key_never_written(
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+    # status says why it stopped.
+    assert run_cli("status", tmp_path / "out") == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{tmp_path / 'out'}: aborted: HTTP 401 from ")
+    assert "API key is missing or wrong" in first
 
 
 def test_right_key_is_sent(
