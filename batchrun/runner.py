@@ -654,10 +654,11 @@ class _Run:
         ):
             return
         limit = self.config.endpoint.timeout_s
+        out = "1 request" if waiting == 1 else f"{waiting} requests"
         progress.message(
             f"no answer yet from {caller.client.base_url} after"
-            f" {_FIRST_ANSWER_S:g} s ({waiting} requests out); a request gives"
-            f" up after {limit:g} s (--timeout)"
+            f" {_FIRST_ANSWER_S:g} s ({out} out); a request gives up after"
+            f" {limit:g} s (--timeout)"
         )
 
     def _note(self) -> str:
