@@ -287,7 +287,7 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_GRACE_S,
         metavar="S",
-        help="on Ctrl-C or SIGTERM, let requests in flight finish this long"
+        help="on Ctrl-C, SIGTERM or an abort, let requests in flight finish this long"
         f" (default {DEFAULT_GRACE_S:g})",
     )
     out.add_argument(

@@ -377,8 +377,8 @@ class RunConfig:
         retry: The retry policy.
         progress: ``auto`` (a bar on a terminal, else a line every 10 s),
             ``bar``, ``lines`` or ``off``.
-        grace_s: On SIGINT/SIGTERM, how long requests in flight may finish
-            before they are cancelled.
+        grace_s: On SIGINT/SIGTERM or an abort, how long requests in flight
+            may finish before they are cancelled.
         event_loop: ``auto`` uses uvloop when it is installed (the ``fast``
             extra), else asyncio's own loop. Only ``run`` uses it; ``arun``
             runs in the caller's loop.
