@@ -466,10 +466,7 @@ def compact(
         keep, total = _latest_positions(results_dir)
         if len(keep) == total:
             keep = None
-    if keep is None and (
-        len(parts) <= min_parts
-        or max(pq.ParquetFile(p).metadata.num_rows for _, p in parts) >= target_rows
-    ):
+    if keep is None and not _worth_rewriting(parts, schema, min_parts, target_rows):
         return len(parts)
     if announce is not None:
         announce(len(parts))
@@ -524,6 +521,28 @@ def compact(
             raise
         raise OutputError(f"cannot compact {results_dir}: {exc}") from exc
     return len(temps)
+
+
+def _worth_rewriting(
+    parts: Sequence[tuple[int, Path]],
+    schema: pa.Schema,
+    min_parts: int,
+    target_rows: int,
+) -> bool:
+    """Whether parts without repeated ids should be compacted: there are many
+    small ones, or one lacks a column of ``schema`` (written by an earlier
+    version of batchrun before a resume), which readers that take the first
+    file's schema, such as ``pyarrow.dataset``, would then leave out."""
+    largest = 0
+    try:
+        for _, path in parts:
+            metadata = pq.read_metadata(path)
+            if not metadata.schema.to_arrow_schema().equals(schema):
+                return True
+            largest = max(largest, metadata.num_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"cannot read {path}: {exc}") from exc
+    return len(parts) > min_parts and largest < target_rows
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

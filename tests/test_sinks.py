@@ -66,6 +66,22 @@ def test_parts_without_a_newer_column_are_merged(tmp_path: Path) -> None:
     assert [r["row"] for r in rows] == [None] * 5 + list(range(5, 30))
 
 
+def test_a_part_without_a_newer_column_is_rewritten(tmp_path: Path) -> None:
+    """Few parts are left alone, unless one lacks a column (written before an
+    upgrade, then resumed): pyarrow.dataset takes the first file's schema,
+    and read the results without the column at all."""
+    writer = PartWriter(tmp_path)
+    for n in range(3):
+        writer.write(n, [make_row(f"{n}-{i}", position=5 * n + i) for i in range(5)])
+    assert compact(tmp_path, writer.schema, dedupe=False, min_parts=4) == 3
+    old = list_parts(tmp_path)[0][1]
+    pq.write_table(pq.read_table(old).drop_columns(["row"]), old)
+    assert "row" not in ds.dataset(tmp_path).schema.names
+    assert compact(tmp_path, writer.schema, dedupe=False, min_parts=4) == 1
+    assert ds.dataset(tmp_path).schema.names == writer.schema.names
+    assert [r["row"] for r in _read(tmp_path)] == [None] * 5 + list(range(5, 15))
+
+
 class _StopAfter(threading.Event):
     """Set once it has been asked ``checks`` times: a Ctrl-C mid-compaction."""
 
