@@ -18,7 +18,8 @@ A failed *record* is data: it becomes a row with ``status == "error"``. A failed
         │   └── MalformedResponseError  200 whose body is not a completion
         ├── PermanentError   other 4xx: a failed row, never retried
         └── FatalAPIError    401/403, 404 for the endpoint or model, quota used up
-                             (402, or 429 insufficient_quota): aborts the run
+                             (402, or 429 insufficient_quota), TLS that cannot
+                             work (untrusted certificate): aborts the run
             └── CircuitBreakerError  50 rows in a row failed the same permanent way
 
 ``PermanentError`` and ``FatalAPIError`` are siblings, so ``except PermanentError``
@@ -181,8 +182,9 @@ class PermanentError(APIError):
 
 
 class FatalAPIError(APIError):
-    """Raised on 401/403, a 404 for the endpoint or model, or an account out of
-    quota (402, or a 429 ``insufficient_quota``): the whole run aborts."""
+    """Raised on 401/403, a 404 for the endpoint or model, an account out of
+    quota (402, or a 429 ``insufficient_quota``), or TLS that cannot work (an
+    untrusted certificate, a server without TLS): the whole run aborts."""
 
 
 class CircuitBreakerError(FatalAPIError):

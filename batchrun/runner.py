@@ -616,13 +616,19 @@ class _Run:
         if self.fatal is not None:
             return
         self.fatal = error
-        if self.concurrency.in_flight and self.progress is not None:
-            self.progress.message(
-                f"aborting ({error}); keeping the answers of the requests in"
-                f" flight (waiting up to {self.config.grace_s:g} s, --grace)"
-            )
         assert self.outer is not None
         self._stop("aborting", self.outer)
+        self.outer.start_soon(self._tell_why_still_going)
+
+    async def _tell_why_still_going(self) -> None:
+        """A second into an abort with requests still in flight, say what it
+        waits for (the error itself is told when the run ends)."""
+        await anyio.sleep(_SLOW_S)
+        if self.concurrency.in_flight and self.progress is not None:
+            self.progress.message(
+                f"aborting ({self.fatal}); keeping the answers of the requests"
+                f" in flight (waiting up to {self.config.grace_s:g} s, --grace)"
+            )
 
     async def _end_grace(self) -> None:
         await anyio.sleep(self.config.grace_s)

@@ -35,6 +35,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import threading
 import time
 from collections import OrderedDict, deque
@@ -908,6 +909,7 @@ async def start_simulator(
     port: int = 0,
     clock: Clock = time.monotonic,
     fast: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[SimulatorHandle]:
     """Serve the simulator in the running event loop until the block exits.
 
@@ -919,6 +921,7 @@ async def start_simulator(
             virtual clock with the client).
         fast: Serve from the minimal HTTP server of ``batchrun.fastsim``
             (for benchmarks) instead of aiohttp.web.
+        ssl_context: Serve https with this server context (not with ``fast``).
 
     Yields:
         The handle, once the server accepts connections.
@@ -928,6 +931,8 @@ async def start_simulator(
     """
     config = config or SimulatorConfig()
     if fast:
+        if ssl_context is not None:
+            raise ConfigError("the simulator's fast path serves plain http only")
         async with _start_fast(config, host, port, clock) as handle:
             yield handle
         return
@@ -939,8 +944,9 @@ async def start_simulator(
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
-        url = _base_url(host, runner.addresses[0][1])
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        scheme = "http" if ssl_context is None else "https"
+        url = _base_url(host, runner.addresses[0][1], scheme)
         yield SimulatorHandle(base_url=url, state=app[STATE_KEY], app=app)
     finally:
         await runner.cleanup()
@@ -972,9 +978,9 @@ async def _start_fast(
             await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
-def _base_url(host: str, port: int) -> str:
+def _base_url(host: str, port: int, scheme: str = "http") -> str:
     url_host = f"[{host}]" if ":" in host else host
-    return f"http://{url_host}:{port}/v1"
+    return f"{scheme}://{url_host}:{port}/v1"
 
 
 @contextlib.contextmanager

@@ -459,12 +459,12 @@ async def test_quota_used_up_aborts_at_once(
 async def test_an_abort_keeps_the_answers_in_flight(
     local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Answers still coming when the run aborts are paid for: the run says it
-    waits for them, and keeps them."""
+    """Answers still coming when the run aborts are paid for: the run keeps
+    them, and a second into the wait it says what it waits for."""
     vt = VirtualTime()
     sim = await local_sim(clock=vt.clock)
     quota = {"error": {"message": "out of quota", "code": "insufficient_quota"}}
-    sim.state.enqueue(*[ScriptedResponse(delay_ms=300)] * 3)
+    sim.state.enqueue(*[ScriptedResponse(delay_ms=1300)] * 3)
     sim.state.enqueue(*[ScriptedResponse(status=429, body=quota)] * 10)
     with pytest.raises(FatalAPIError, match="quota or credit is used up"):
         await _run(sim, prompts(20), tmp_path, vt, progress="lines", probe=False)
