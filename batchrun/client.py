@@ -13,6 +13,7 @@ import email.utils
 import functools
 import io
 import os
+import socket
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -328,6 +329,7 @@ class APIClient:
         # Parsed once: aiohttp would parse a str URL on every request.
         self._urls = {name: URL(self.base_url + path) for name, path in _PATHS.items()}
         self._proxy, self._proxy_headers = env_proxy(self.base_url)
+        self._reached = False  # the server has answered at least once
         self._post: Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]]
 
     async def __aenter__(self) -> Self:
@@ -417,9 +419,18 @@ class APIClient:
                 raw = await response.read()
                 status = response.status
                 headers = response.headers
+            self._reached = True
         except (aiohttp.ClientError, OSError) as exc:
             if isinstance(exc, aiohttp.ClientSSLError):
                 raise self._tls_error(exc) from exc
+            if not self._reached and _unknown_host(exc):
+                # A mistyped host retried like a dropped connection took
+                # minutes to abort through the circuit breaker. Once the server
+                # has answered, it is a resolver's hiccup, and retried.
+                raise FatalAPIError(
+                    f"cannot find the host of {self.base_url} ({exc}): is the"
+                    " base URL right?"
+                ) from exc
             if isinstance(exc, TimeoutError) or deadlines.expired():
                 raise APITimeoutError(
                     f"no response within {deadlines.limit_s:g} s (--timeout; a long"
@@ -551,6 +562,16 @@ class APIClient:
                 request_id=request_id,
             )
         return PermanentError(message, status=status, body=body, request_id=request_id)
+
+
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def _unknown_host(exc: BaseException) -> bool:
+    """Whether ``exc`` says the host's name does not exist (not that the
+    resolver failed for now)."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    return isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME
 
 
 def _error_fields(raw: bytes) -> tuple[str | None, str | None]:

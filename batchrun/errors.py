@@ -19,7 +19,8 @@ A failed *record* is data: it becomes a row with ``status == "error"``. A failed
         ├── PermanentError   other 4xx: a failed row, never retried
         └── FatalAPIError    401/403, 404 for the endpoint or model, quota used up
                              (402, or 429 insufficient_quota), TLS that cannot
-                             work (untrusted certificate): aborts the run
+                             work (untrusted certificate), a host name that does
+                             not exist: aborts the run
             └── CircuitBreakerError  50 rows in a row failed the same permanent way
 
 ``PermanentError`` and ``FatalAPIError`` are siblings, so ``except PermanentError``

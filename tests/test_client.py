@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,7 +23,13 @@ import pytest
 import trustme
 from yarl import URL
 
-from batchrun.client import APIClient, Reply, env_proxy, parse_retry_after
+from batchrun.client import (
+    APIClient,
+    Reply,
+    _unknown_host,
+    env_proxy,
+    parse_retry_after,
+)
 from batchrun.errors import (
     APIConnectionError,
     APIError,
@@ -313,6 +320,37 @@ async def test_ssl_cert_file_names_a_servers_own_authority(
         assert sim.state.snapshot()["requests"] == 5
     assert done.returncode == 0, done.stderr.decode()
     assert [r["status"] for r in read_results(tmp_path / "out")] == ["ok"] * 5
+
+
+def _resolves_as_unknown(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 80)
+    except socket.gaierror as exc:
+        return _unknown_host(exc)
+    return False
+
+
+async def test_a_host_that_does_not_exist_is_fatal() -> None:
+    """A mistyped host name (.invalid never resolves) aborts at the first
+    request: retried like a dropped connection, it ran for minutes."""
+    host = "no-such-host.invalid"
+    if not _resolves_as_unknown(host):
+        pytest.skip("this machine's resolver cannot tell a name does not exist")
+    base_url = f"http://{host}/v1"
+    async with APIClient(base_url, api_key=None, timeout_s=5, concurrency=2) as client:
+        with pytest.raises(FatalAPIError) as info:
+            await client.post("completions", BODY)
+    message = str(info.value)
+    assert message.startswith(f"cannot find the host of {base_url} (")
+    assert message.endswith("is the base URL right?")
+
+
+def test_only_a_name_that_does_not_exist_counts_as_unknown() -> None:
+    """A resolver that fails for now (EAI_AGAIN) is retried like any dropped
+    connection; only "no such name" is a wrong base URL."""
+    assert _unknown_host(socket.gaierror(socket.EAI_NONAME, "Name not known"))
+    assert not _unknown_host(socket.gaierror(socket.EAI_AGAIN, "Try again"))
+    assert not _unknown_host(ConnectionRefusedError())
 
 
 async def test_404_without_v1_hints_at_it(sim: SimulatorHandle) -> None:
