@@ -276,6 +276,7 @@ class _Run:
         self.skipped = self.retried = self.new = 0
         self.stopped_by: str | None = None
         self.fatal: FatalAPIError | None = None
+        self.last_failure: str | None = None  # of an attempt to be retried
         self.outer: anyio.abc.TaskGroup | None = None
         self.abandon = False
         self.reader_scope = anyio.CancelScope()
@@ -325,7 +326,12 @@ class _Run:
                     policy=cfg.retry,
                     clock=self.clock,
                     sleep=self.sleep,
-                    retrier=Retrier(cfg.retry, clock=self.clock, sleep=self.sleep),
+                    retrier=Retrier(
+                        cfg.retry,
+                        clock=self.clock,
+                        sleep=self.sleep,
+                        on_retry=self._note_retry,
+                    ),
                     raw_response=cfg.output.raw_response,
                 )
                 self.progress = make_progress(
@@ -645,19 +651,27 @@ class _Run:
                 first_answer_due = None
                 self._tell_if_unanswered(progress)
 
+    def _note_retry(self, error: BaseException, wait: float) -> None:
+        self.last_failure = f"{type(error).__name__}: {error}"
+
     def _tell_if_unanswered(self, progress: Progress) -> None:
-        """Say so if requests are out and nothing has come back at all: a
-        server that takes connections and never answers (a wrong port behind
-        a proxy, a model still loading) showed only "in flight 8/8"."""
+        """Say why, if nothing has succeeded yet: a server that takes
+        connections and never answers (a wrong port behind a proxy, a model
+        still loading) showed only "in flight 8/8", and one that refuses every
+        connection only a growing count of retries."""
         caller = self.caller
+        if caller is None or self.stats.session.succeeded:
+            return
+        errors, _ = self.stats.errors.top(1)
+        failure = self.last_failure or (errors[0][0] if errors else None)
+        if failure is not None:
+            progress.message(
+                f"nothing has succeeded in {_FIRST_ANSWER_S:g} s; the latest"
+                f" failure: {failure}"
+            )
+            return
         waiting = self.concurrency.in_flight
-        if (
-            caller is None
-            or not waiting
-            or self.stats.session.requests
-            or caller.retries
-            or self.limiter.rate_limited
-        ):
+        if not waiting:
             return
         limit = self.config.endpoint.timeout_s
         out = "1 request" if waiting == 1 else f"{waiting} requests"

@@ -217,6 +217,43 @@ async def test_a_server_that_never_answers_is_named(
     ]
 
 
+async def test_nothing_succeeding_names_the_latest_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten seconds without a success, the display names the latest failure:
+    refused connections showed only a growing count of retries until the
+    circuit breaker, a minute or two later, said why."""
+    vt = VirtualTime()
+    config = RunConfig(
+        inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(3)),),
+        output=OutputOptions(out_dir=tmp_path / "out"),
+        endpoint=EndpointConfig(base_url=closed_port_url()),
+        request=RequestOptions(model="m"),
+        concurrency=2,
+        retry=RetryPolicy(max_attempts=1000, max_retry_time_s=1e6),
+        progress="lines",
+    )
+
+    async def sleep(seconds: float) -> None:
+        await vt.sleep(seconds)
+        await anyio.sleep(0.01)  # backoffs take a little real time
+
+    err = ""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(arun, config, clock=vt.clock, sleep=sleep))
+        with anyio.fail_after(10):
+            while "nothing has succeeded" not in err:
+                await anyio.sleep(0.05)
+                vt.offset += 0.5
+                err += capsys.readouterr().err
+        tg.cancel_scope.cancel()
+    said = next(line for line in err.splitlines() if "nothing has succeeded" in line)
+    assert said.startswith(
+        "batchrun: nothing has succeeded in 10 s; the latest failure:"
+        " APIConnectionError: "
+    )
+
+
 async def test_503_retry_after_is_honoured(
     local_sim: LocalSimFactory, tmp_path: Path
 ) -> None:
