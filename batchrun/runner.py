@@ -95,7 +95,7 @@ _GATHER_S = 0.002
 # with prompts of 200 KB, parts of 1,000 rows took the peak RSS to 1.7 GB.
 _PART_BYTES = 16 << 20
 _SLOW_S = 1.0
-# With no answer at all this long after the first requests, the display says so.
+# With nothing succeeded this long into a run, the display says why.
 _FIRST_ANSWER_S = 10.0
 _SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
