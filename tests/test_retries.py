@@ -501,7 +501,7 @@ async def test_an_abort_keeps_the_answers_in_flight(
     vt = VirtualTime()
     sim = await local_sim(clock=vt.clock)
     quota = {"error": {"message": "out of quota", "code": "insufficient_quota"}}
-    sim.state.enqueue(*[ScriptedResponse(delay_ms=1300)] * 3)
+    sim.state.enqueue(*[ScriptedResponse(delay_ms=2500)] * 3)
     sim.state.enqueue(*[ScriptedResponse(status=429, body=quota)] * 10)
     with pytest.raises(FatalAPIError, match="quota or credit is used up"):
         await _run(sim, prompts(20), tmp_path, vt, progress="lines", probe=False)
