@@ -109,6 +109,29 @@ def _not_a_string(value: object, field: str) -> InputError:
     return InputError(f"must be a string, got {kind_of(value)}{hint}", field=field)
 
 
+_ID_FIELDS = ("id", "custom_id")
+
+
+def _text_fields(row: Mapping[str, Any], opts: RequestOptions) -> str:
+    """A hint naming the row's text fields, for a row without the prompt's:
+    datasets often call it ``text``, ``question`` or ``instruction``."""
+    ids = (*_ID_FIELDS, opts.id_column)
+    names = [k for k, v in row.items() if isinstance(v, str) and k not in ids]
+    if not names:
+        return ""
+    if len(names) == 1:
+        return (
+            f" (it has text in {names[0]!r}: name it with --prompt-column"
+            f" {names[0]}, or build a prompt with --template)"
+        )
+    shown = ", ".join(repr(name) for name in names[:5])
+    more = ", ..." if len(names) > 5 else ""
+    return (
+        f" (it has text in {shown}{more}: pick one with --prompt-column,"
+        " or combine them with --template)"
+    )
+
+
 def _check_messages(messages: object, field: str) -> list[JSONObject]:
     if not isinstance(messages, list) or not messages:
         hint = ""
@@ -300,7 +323,7 @@ class RequestBuilder:
                     )
                 raise InputError(
                     f"row has neither {opts.prompt_column!r}"
-                    f" nor {opts.messages_column!r}"
+                    f" nor {opts.messages_column!r}{_text_fields(row, opts)}"
                 )
             raise _not_a_string(prompt, opts.prompt_column)
         if not isinstance(prompt, str):
@@ -311,8 +334,11 @@ class RequestBuilder:
                     field=opts.messages_column,
                 )
             if prompt is None:
-                missing = "is null" if opts.prompt_column in row else "is missing"
-                raise InputError(missing, field=opts.prompt_column)
+                if opts.prompt_column in row:
+                    raise InputError("is null", field=opts.prompt_column)
+                raise InputError(
+                    f"is missing{_text_fields(row, opts)}", field=opts.prompt_column
+                )
             raise _not_a_string(prompt, opts.prompt_column)
         return self._completion(row, row_id, prompt, hashed)
 

@@ -75,8 +75,38 @@ def test_forced_completions_rejects_messages_row() -> None:
 
 def test_row_without_prompt_or_messages_is_rejected() -> None:
     """A row with neither prompt nor messages is an InputError."""
-    with pytest.raises(InputError, match="neither"):
+    with pytest.raises(InputError) as info:
         _builder().build({"other": 1}, "r1")
+    assert info.value.reason == "row has neither 'prompt' nor 'messages'"
+
+
+@pytest.mark.parametrize(
+    ("row", "hint"),
+    [
+        (
+            {"id": "a", "text": "Hello", "n": 1},
+            " (it has text in 'text': name it with --prompt-column text, or build"
+            " a prompt with --template)",
+        ),
+        (
+            {"id": "a", "question": "Why?", "context": "Because."},
+            " (it has text in 'question', 'context': pick one with"
+            " --prompt-column, or combine them with --template)",
+        ),
+    ],
+)
+def test_a_row_without_a_prompt_names_its_text_fields(
+    row: dict[str, object], hint: str
+) -> None:
+    """Datasets often call the prompt text, question or instruction: the error
+    names the row's text fields (not its id) and the option that reads one."""
+    with pytest.raises(InputError) as info:
+        _builder().build(row, "r1")
+    assert info.value.reason == f"row has neither 'prompt' nor 'messages'{hint}"
+    with pytest.raises(InputError) as info:
+        _builder(endpoint="completions").build(row, "r1")
+    assert info.value.field == "prompt"
+    assert info.value.reason == f"is missing{hint}"
 
 
 @pytest.mark.parametrize(
