@@ -115,8 +115,14 @@ _ID_FIELDS = ("id", "custom_id")
 def _text_fields(row: Mapping[str, Any], opts: RequestOptions) -> str:
     """A hint naming the row's text fields, for a row without the prompt's:
     datasets often call it ``text``, ``question`` or ``instruction``."""
+    return text_hint([k for k, v in row.items() if isinstance(v, str)], opts)
+
+
+def text_hint(names: list[str], opts: RequestOptions) -> str:
+    """`` (it has text in ...: name it with --prompt-column ...)``, naming the
+    text fields or columns ``names`` other than the id; empty if none."""
     ids = (*_ID_FIELDS, opts.id_column)
-    names = [k for k, v in row.items() if isinstance(v, str) and k not in ids]
+    names = [name for name in names if name not in ids]
     if not names:
         return ""
     if len(names) == 1:

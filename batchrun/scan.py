@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .payload import RequestBuilder
+from .payload import RequestBuilder, text_hint
 from .sinks import infer_type
-from .sources import IdSet, RowBatch, iter_batches
+from .sources import IdSet, RowBatch, iter_batches, parquet_columns
 
 __all__ = ["Scan", "ScanStopped", "locate", "scan_inputs"]
 
@@ -88,6 +88,8 @@ def scan_inputs(
     first_repaired = None
     checkers = list(cells) or [builder]
     columns = set().union(*(b.columns() for b in [builder, *checkers]))
+    for path in files:
+        _check_prompt_columns(path, checkers)
     for batch in iter_batches(files, columns=columns, limit=limit):
         if stop is not None and stop.is_set():
             raise ScanStopped
@@ -130,6 +132,29 @@ def scan_inputs(
         repaired=repaired,
         first_repaired=first_repaired,
     )
+
+
+def _check_prompt_columns(path: Path, checkers: Sequence[RequestBuilder]) -> None:
+    """A Parquet file with neither the prompt's nor the messages' column is
+    named with its text columns. The reader reads only the columns a request
+    needs, so the rows themselves cannot say which the file has.
+
+    Raises:
+        InputError: Such a file, for a request built without a template.
+    """
+    columns = parquet_columns(path)
+    if columns is None:
+        return
+    for checker in checkers:
+        opts = checker.options
+        wanted = (opts.prompt_column, opts.messages_column)
+        if opts.template is None and not any(name in columns for name in wanted):
+            texts = [name for name, text in columns.items() if text]
+            raise InputError(
+                f"has neither a {wanted[0]!r} nor a {wanted[1]!r} column"
+                f"{text_hint(texts, opts)}",
+                path=str(path),
+            )
 
 
 def _find_duplicate(

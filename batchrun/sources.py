@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 from .errors import InputError
 from .jsontext import kind_of, loads_without_lone_surrogates
 
-__all__ = ["DEFAULT_BATCH_ROWS", "IdSet", "RowBatch", "expand_inputs", "iter_batches"]
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "IdSet",
+    "RowBatch",
+    "expand_inputs",
+    "iter_batches",
+    "parquet_columns",
+]
 
 DEFAULT_BATCH_ROWS = 1024
 # A batch also ends at about this much input, however few rows that is: with
@@ -98,6 +105,23 @@ def _format_of(path: Path) -> str | None:
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     return None
+
+
+def parquet_columns(path: Path) -> dict[str, bool] | None:
+    """A Parquet file's columns, each with whether it holds text; ``None``
+    for a JSON Lines file.
+
+    Raises:
+        InputError: The file cannot be read.
+    """
+    if _format_of(path) != "parquet":
+        return None
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read Parquet file: {exc}", path=str(path)) from exc
+    text = (pa.string(), pa.large_string())
+    return {field.name: field.type in text for field in schema}
 
 
 def count_rows(files: Sequence[Path]) -> int | None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from batchrun.config import RequestOptions
+from batchrun.errors import InputError
 from batchrun.payload import RequestBuilder
 from batchrun.scan import ScanStopped, scan_inputs
 
-from .helpers import prompts, write_jsonl
+from .helpers import prompts, write_jsonl, write_parquet
 
 
 def test_scan_counts_rows_and_stops_when_told(tmp_path: Path) -> None:
@@ -24,3 +25,25 @@ def test_scan_counts_rows_and_stops_when_told(tmp_path: Path) -> None:
     stop.set()
     with pytest.raises(ScanStopped):
         scan_inputs([inp], builder, stop=stop)
+
+
+def test_a_parquet_file_without_the_prompt_column_names_its_text_columns(
+    tmp_path: Path,
+) -> None:
+    """The reader reads only the columns a request needs, so the file itself
+    is checked: it names its text columns (not the id) and --prompt-column."""
+    path = write_parquet(
+        tmp_path / "qa.parquet", [{"id": "a", "question": "Why?", "n": 1}]
+    )
+    builder = RequestBuilder(RequestOptions(model="m"))
+    with pytest.raises(InputError) as info:
+        scan_inputs([path], builder)
+    assert str(info.value) == (
+        f"{path}: has neither a 'prompt' nor a 'messages' column (it has text in"
+        " 'question': name it with --prompt-column question, or build a prompt"
+        " with --template)"
+    )
+    named = RequestBuilder(RequestOptions(model="m", prompt_column="question"))
+    assert scan_inputs([path], named).total == 1
+    templated = RequestBuilder(RequestOptions(model="m", template="{{ question }}"))
+    assert scan_inputs([path], templated).total == 1
