@@ -109,7 +109,7 @@ def _format_of(path: Path) -> str | None:
 
 def parquet_columns(path: Path) -> dict[str, bool] | None:
     """A Parquet file's columns, each with whether it holds text; ``None``
-    for a JSON Lines file.
+    for a JSON Lines file, or a Parquet file without rows.
 
     Raises:
         InputError: The file cannot be read.
@@ -117,9 +117,12 @@ def parquet_columns(path: Path) -> dict[str, bool] | None:
     if _format_of(path) != "parquet":
         return None
     try:
-        schema = pq.read_schema(path)
+        metadata = pq.read_metadata(path)
+        schema = metadata.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"cannot read Parquet file: {exc}", path=str(path)) from exc
+    if not metadata.num_rows:
+        return None
     text = (pa.string(), pa.large_string())
     return {field.name: field.type in text for field in schema}
 
