@@ -79,11 +79,13 @@ class InputError(BatchrunError):
     ) -> None:
         self.path = path
         self.line = line
+        self.kind = kind
         self.field = field
         self.reason = message
         where = path or "<input>"
         if line is not None:
             where = f"{where}:{line}" if kind == "line" else f"{where} row {line}"
+        self.where = where
         if field is not None:
             message = f"field {field!r}: {message}"
         super().__init__(f"{where}: {message}")

@@ -90,29 +90,39 @@ def scan_inputs(
     columns = set().union(*(b.columns() for b in [builder, *checkers]))
     for path in files:
         _check_prompt_columns(path, checkers)
-    for batch in iter_batches(files, columns=columns, limit=limit):
-        if stop is not None and stop.is_set():
-            raise ScanStopped
-        if batch.repaired:
-            if first_repaired is None:
-                first_repaired = f"{batch.path}:{batch.repaired[0]}"
-            repaired += len(batch.repaired)
-        batch_ids = []
-        for index, row in enumerate(batch.rows):
-            try:
-                row_id = builder.row_id(row, position)
-                for checker in checkers:
-                    checker.check(row)
-            except InputError as exc:
-                raise locate(exc, batch, index) from None
-            positional = positional or builder.is_positional(row)
-            batch_ids.append(row_id)
-            position += 1
-            for name in keep:
-                if name in row:
-                    present.add(name)
-                    kinds[name].add(type(row[name]))
-        ids.add_many(batch_ids)
+    bad = _BadRows()
+    try:
+        for batch in iter_batches(files, columns=columns, limit=limit):
+            if stop is not None and stop.is_set():
+                raise ScanStopped
+            if batch.repaired:
+                if first_repaired is None:
+                    first_repaired = f"{batch.path}:{batch.repaired[0]}"
+                repaired += len(batch.repaired)
+            batch_ids = []
+            for index, row in enumerate(batch.rows):
+                try:
+                    row_id = builder.row_id(row, position)
+                    for checker in checkers:
+                        checker.check(row)
+                except InputError as exc:
+                    # Counted on to the end: the first is the error, told with
+                    # how many more rows a fix has to cover.
+                    bad.add(locate(exc, batch, index))
+                    continue
+                positional = positional or builder.is_positional(row)
+                batch_ids.append(row_id)
+                position += 1
+                for name in keep:
+                    if name in row:
+                        present.add(name)
+                        kinds[name].add(type(row[name]))
+            ids.add_many(batch_ids)
+    except InputError as exc:  # the file itself: a line that is not JSON
+        if bad.first is None:
+            raise
+        bad.add(exc, last=True)
+    bad.raise_first()
     missing = [name for name in keep if name not in present]
     if missing and position:
         raise InputError(
@@ -132,6 +142,51 @@ def scan_inputs(
         repaired=repaired,
         first_repaired=first_repaired,
     )
+
+
+class _BadRows:
+    """The bad rows the scan met: the first, how many more, where the next."""
+
+    def __init__(self) -> None:
+        self.first: InputError | None = None
+        self.more = 0
+        self.next_at: str | None = None
+        self.stopped_at: str | None = None
+
+    def add(self, error: InputError, *, last: bool = False) -> None:
+        """One more bad row; ``last``: the scan could not read on past it."""
+        if self.first is None:
+            self.first = error
+            return
+        self.more += 1
+        if self.next_at is None:
+            self.next_at = error.where
+        if last:
+            self.stopped_at = error.where
+
+    def raise_first(self) -> None:
+        """Raise the first bad row's error, saying how many more there are.
+
+        Raises:
+            InputError: There was a bad row.
+        """
+        first = self.first
+        if first is None:
+            return
+        reason = first.reason
+        if self.more:
+            rows = "row" if self.more == 1 else "rows"
+            reason += f"; {self.more:,} more bad {rows} after it (the next at"
+            reason += f" {self.next_at})"
+            if self.stopped_at is not None:
+                reason += f", and no reading on past {self.stopped_at}"
+        raise InputError(
+            reason,
+            path=first.path,
+            line=first.line,
+            kind=first.kind,
+            field=first.field,
+        )
 
 
 def _check_prompt_columns(path: Path, checkers: Sequence[RequestBuilder]) -> None:

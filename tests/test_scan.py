@@ -47,3 +47,36 @@ def test_a_parquet_file_without_the_prompt_column_names_its_text_columns(
     assert scan_inputs([path], named).total == 1
     templated = RequestBuilder(RequestOptions(model="m", template="{{ question }}"))
     assert scan_inputs([path], templated).total == 1
+
+
+def test_the_first_bad_row_comes_with_how_many_more(tmp_path: Path) -> None:
+    """The scan reads on past the first bad row: its error says how many more
+    there are and where the next is, so one fix can cover them all."""
+    rows: list[dict[str, object]] = [{"id": f"r{i}", "prompt": "p"} for i in range(9)]
+    for i in (2, 5, 6):
+        del rows[i]["prompt"]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    builder = RequestBuilder(RequestOptions(model="m"))
+    with pytest.raises(InputError) as info:
+        scan_inputs([path], builder)
+    assert str(info.value) == (
+        f"{path}:3: row has neither 'prompt' nor 'messages'; 2 more bad rows"
+        f" after it (the next at {path}:6)"
+    )
+
+
+def test_bad_rows_before_a_line_that_is_not_json(tmp_path: Path) -> None:
+    """Rows are read a batch at a time: a line that is not JSON ends the scan,
+    and the error of the first bad row before it says where."""
+    lines = [f'{{"id": "r{i}"}}' for i in range(1500)]  # no prompts
+    lines[1400] = '{"id": "broken'
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    builder = RequestBuilder(RequestOptions(model="m"))
+    with pytest.raises(InputError) as info:
+        scan_inputs([path], builder)
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: row has neither 'prompt' nor 'messages';")
+    assert message.endswith(
+        f"(the next at {path}:2), and no reading on past {path}:1401"
+    )
