@@ -267,8 +267,12 @@ class RequestBuilder:
             self._model()  # a templated row names no model of its own
             for name in self.template_fields:
                 if name not in row:
+                    has = ", ".join(repr(key) for key in list(row)[:8])
+                    more = ", ..." if len(row) > 8 else ""
                     raise InputError(
-                        "column used by the template is missing", field=name
+                        "column used by the template is missing"
+                        f" (the row has {has or 'no fields'}{more})",
+                        field=name,
                     )
             return
         self.build(row, "", hashed=False)

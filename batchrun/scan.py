@@ -89,7 +89,7 @@ def scan_inputs(
     checkers = list(cells) or [builder]
     columns = set().union(*(b.columns() for b in [builder, *checkers]))
     for path in files:
-        _check_prompt_columns(path, checkers)
+        _check_columns(path, checkers)
     bad = _BadRows()
     try:
         for batch in iter_batches(files, columns=columns, limit=limit):
@@ -189,21 +189,32 @@ class _BadRows:
         )
 
 
-def _check_prompt_columns(path: Path, checkers: Sequence[RequestBuilder]) -> None:
-    """A Parquet file with neither the prompt's nor the messages' column is
-    named with its text columns. The reader reads only the columns a request
-    needs, so the rows themselves cannot say which the file has.
+def _check_columns(path: Path, checkers: Sequence[RequestBuilder]) -> None:
+    """A Parquet file without the columns a request needs is named with the
+    columns it has. The reader reads only the columns a request needs, so
+    the rows themselves cannot say which the file has.
 
     Raises:
-        InputError: Such a file, for a request built without a template.
+        InputError: A template's column is missing, or (without a template)
+            both the prompt's and the messages' are.
     """
     columns = parquet_columns(path)
     if columns is None:
         return
     for checker in checkers:
         opts = checker.options
+        if opts.template is not None:
+            for name in checker.template_fields:
+                if name not in columns:
+                    has = ", ".join(repr(column) for column in columns)
+                    raise InputError(
+                        f"the template uses column {name!r}, which the file"
+                        f" lacks (it has {has or 'no columns'})",
+                        path=str(path),
+                    )
+            continue
         wanted = (opts.prompt_column, opts.messages_column)
-        if opts.template is None and not any(name in columns for name in wanted):
+        if not any(name in columns for name in wanted):
             texts = [name for name, text in columns.items() if text]
             raise InputError(
                 f"has neither a {wanted[0]!r} nor a {wanted[1]!r} column"

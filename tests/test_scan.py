@@ -80,3 +80,26 @@ def test_bad_rows_before_a_line_that_is_not_json(tmp_path: Path) -> None:
     assert message.endswith(
         f"(the next at {path}:2), and no reading on past {path}:1401"
     )
+
+
+def test_a_template_column_missing_is_named_with_the_columns_there_are(
+    tmp_path: Path,
+) -> None:
+    """A misspelt template column: a JSONL row says which fields it has, and
+    a Parquet file (whose rows hold only the columns read) its columns."""
+    rows = [{"id": "a", "question": "Why?"}]
+    builder = RequestBuilder(RequestOptions(model="m", template="Q: {{ questoin }}"))
+    jsonl = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(InputError) as info:
+        scan_inputs([jsonl], builder)
+    assert str(info.value) == (
+        f"{jsonl}:1: field 'questoin': column used by the template is missing"
+        " (the row has 'id', 'question')"
+    )
+    parquet = write_parquet(tmp_path / "in.parquet", rows)
+    with pytest.raises(InputError) as info:
+        scan_inputs([parquet], builder)
+    assert str(info.value) == (
+        f"{parquet}: the template uses column 'questoin', which the file lacks"
+        " (it has 'id', 'question')"
+    )
