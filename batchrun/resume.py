@@ -291,8 +291,11 @@ def status_report(out_dir: Path) -> str:
     parts_through = int(manifest.get("parts_through", -1))
     errors = ErrorTally()
     by_variant = _latest_statuses(out_dir, parts_through, errors)
-    ok = sum(c[0] for c in by_variant.values())
-    failed = sum(c[1] for c in by_variant.values())
+    # Rows of sweep cells since dropped from the job are told apart: counted
+    # in, they made "-5 not reached".
+    in_job = set(manifest.get("variants") or [None])
+    ok = sum(c[0] for name, c in by_variant.items() if name in in_job)
+    failed = sum(c[1] for name, c in by_variant.items() if name in in_job)
     cells = max(1, len(manifest.get("variants") or []))
     stats = StatsCollector()
     stats.restore(manifest.get("stats", {}))
@@ -329,6 +332,8 @@ def status_report(out_dir: Path) -> str:
     for name in names:
         done_ok, done_failed = by_variant.get(name, [0, 0])
         left = "" if rows is None else f", {rows - done_ok - done_failed} not reached"
+        if name not in in_job:
+            left = " (no longer in the job)"
         per_variant.append(f"  {name}: {done_ok} ok, {done_failed} failed{left}")
     return "\n".join(
         [

@@ -144,6 +144,30 @@ def test_status_shows_each_variant(
     assert text.count(" ok, ") == 13
 
 
+def test_status_after_a_cell_is_dropped(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model swapped for another in the sweep: status counts the job as it
+    is now, and shows the dropped cell's rows apart. Counted in, they made
+    "15 ok, 0 failed, -5 not reached"."""
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    out = tmp_path / "out"
+    sweep = 'template = "{{{{ topic }}}}"\nmax_tokens = 4\n[sweep]\nmodel = [{}]\n'
+    first = _job(tmp_path, sweep.format('"m1", "m2"'), "a.toml")
+    assert _sweep(sim, first, inp, out) == 0
+    second = _job(tmp_path, sweep.format('"m1", "m3"'), "b.toml")
+    assert _sweep(sim, second, inp, out) == 0
+    capsys.readouterr()
+    assert run_cli("status", out) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:5] == [
+        "rows: 10 ok, 0 failed, 0 not reached",
+        "  model=m1: 5 ok, 0 failed, 0 not reached",
+        "  model=m3: 5 ok, 0 failed, 0 not reached",
+        "  model=m2: 5 ok, 0 failed (no longer in the job)",
+    ]
+
+
 def test_explicit_variants(sim: SimulatorHandle, tmp_path: Path) -> None:
     """[[variant]] tables stand beside or instead of the grid."""
     job = _job(
