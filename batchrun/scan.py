@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .payload import RequestBuilder, text_hint
+from .payload import RequestBuilder, is_batch_row, text_hint
 from .sinks import infer_type
 from .sources import IdSet, RowBatch, iter_batches, parquet_columns
 
@@ -199,8 +199,8 @@ def _check_columns(path: Path, checkers: Sequence[RequestBuilder]) -> None:
             both the prompt's and the messages' are.
     """
     columns = parquet_columns(path)
-    if columns is None:
-        return
+    if columns is None or is_batch_row(columns):
+        return  # a Batch API file's requests are in its body column
     for checker in checkers:
         opts = checker.options
         if opts.template is not None:

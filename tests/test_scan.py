@@ -103,3 +103,15 @@ def test_a_template_column_missing_is_named_with_the_columns_there_are(
         f"{parquet}: the template uses column 'questoin', which the file lacks"
         " (it has 'id', 'question')"
     )
+
+
+def test_a_batch_api_parquet_file_needs_no_prompt_column(tmp_path: Path) -> None:
+    """OpenAI Batch API rows carry their request in ``body``: the file-level
+    check of the prompt's column leaves such a file to the row checks."""
+    body = {"model": "m", "prompt": "Hi", "max_tokens": 4}
+    rows = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions", "body": body}
+        for i in range(2)
+    ]
+    path = write_parquet(tmp_path / "batch.parquet", rows)
+    assert scan_inputs([path], RequestBuilder(RequestOptions())).total == 2
