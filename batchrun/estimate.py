@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from .config import RunConfig
-from .payload import RequestBuilder, cells
+from .payload import RequestBuilder, cells, columns_of
 from .records import PromptRecord
 from .scan import scan_inputs
 from .sources import expand_inputs, iter_batches
@@ -131,7 +131,7 @@ def estimate_run(config: RunConfig) -> Estimate:
     scan = scan_inputs(files, base, [b for _, b in plan], limit=config.limit)
     estimate = Estimate(rows=scan.total, variants=len(plan))
     per_model: dict[str, _ModelTotals] = {}
-    columns = set().union(*(b.columns() for _, b in plan))
+    columns = columns_of(b for _, b in plan)
     position = 0
     for batch in iter_batches(files, columns=columns, limit=config.limit):
         for row in batch.rows:

@@ -10,7 +10,7 @@ import hashlib
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -471,6 +471,11 @@ class TokenEstimator:
         if completion_tokens is not None:
             self._completion += completion_tokens
             self._replies += 1
+
+
+def columns_of(builders: Iterable[RequestBuilder]) -> set[str]:
+    """The input columns any of ``builders`` may need: what Parquet reads."""
+    return set().union(*(builder.columns() for builder in builders))
 
 
 def cells(

@@ -44,7 +44,7 @@ from .errors import (
     InputError,
 )
 from .journal import JOURNAL_DIR, Journal, read_segment, segments
-from .payload import RequestBuilder, cells
+from .payload import RequestBuilder, cells, columns_of
 from .ratelimit import INITIAL_CONCURRENCY, ConcurrencyLimit, RateLimiter, Slot
 from .records import PromptRecord, Result
 from .resume import (
@@ -767,8 +767,12 @@ class _Run:
         """
         with self.reader_scope:
             async with records, results:
+                # Every cell's columns: a sweep's templates name their own.
+                # Reading the base request's only, every row of a templated
+                # sweep over Parquet failed as "'review' is undefined".
+                columns = columns_of([self.builder, *(b for _, b in self.cells)])
                 batches = iter_batches(
-                    self.files, columns=self.builder.columns(), limit=self.config.limit
+                    self.files, columns=columns, limit=self.config.limit
                 )
                 built = None
                 try:

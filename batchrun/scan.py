@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .payload import RequestBuilder, is_batch_row, text_hint
+from .payload import RequestBuilder, columns_of, is_batch_row, text_hint
 from .sinks import infer_type
 from .sources import IdSet, RowBatch, iter_batches, parquet_columns
 
@@ -87,7 +87,7 @@ def scan_inputs(
     repaired = 0
     first_repaired = None
     checkers = list(cells) or [builder]
-    columns = set().union(*(b.columns() for b in [builder, *checkers]))
+    columns = columns_of([builder, *checkers])
     for path in files:
         _check_columns(path, checkers)
     bad = _BadRows()

@@ -12,7 +12,7 @@ import pytest
 from batchrun.jobfile import to_tokens
 from batchrun.simulator import SimulatorHandle
 
-from .helpers import SimFactory, read_results, run_cli, write_jsonl
+from .helpers import SimFactory, read_results, run_cli, write_jsonl, write_parquet
 
 SWEEP = """
 max_tokens = 5
@@ -126,6 +126,21 @@ def test_sweep_work_is_interleaved(sim_factory: SimFactory, tmp_path: Path) -> N
     assert _sweep(sim, job, inp, tmp_path / "out", "--concurrency", "1") == 0
     first = sim.state.requests[:24]
     assert Counter(body["model"] for body in first) == {"m1": 8, "m2": 8, "m3": 8}
+
+
+def test_templated_sweep_over_parquet(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """Parquet is read column by column, and every cell's template columns are
+    read: reading only the base request's, every row of a templated sweep over
+    a Parquet input failed, "'topic' is undefined", with no request sent."""
+    inp = write_parquet(tmp_path / "in.parquet", _rows(10))
+    out = tmp_path / "out"
+    sweep = SWEEP.replace('keep_columns = ["topic"]\n', "")  # reads topic anyway
+    assert sweep != SWEEP
+    assert _sweep(sim, _job(tmp_path, sweep), inp, out) == 0
+    results = read_results(out)
+    assert len(results) == 120
+    assert {r["status"] for r in results} == {"ok"}
+    assert sim.state.snapshot()["requests"] == 120
 
 
 def test_status_shows_each_variant(
