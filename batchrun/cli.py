@@ -28,6 +28,7 @@ from .config import (
     DEFAULT_MAX_RETRY_WAIT_S,
     DEFAULT_TIMEOUT_S,
     PROVIDERS,
+    SAMPLING,
     EndpointConfig,
     OutputOptions,
     Price,
@@ -86,17 +87,8 @@ exit codes: 0 all rows ok, 1 some rows failed, 2 usage/config/input error,
 """
 
 # (flag, body field, type) for the sampling parameters sent only when given.
-_SAMPLING: tuple[tuple[str, str, type], ...] = (
-    ("--max-tokens", "max_tokens", int),
-    ("--temperature", "temperature", float),
-    ("--top-p", "top_p", float),
-    ("--top-k", "top_k", int),
-    ("--min-p", "min_p", float),
-    ("--n", "n", int),
-    ("--logprobs", "logprobs", int),
-    ("--seed", "seed", int),
-    ("--frequency-penalty", "frequency_penalty", float),
-    ("--presence-penalty", "presence_penalty", float),
+_SAMPLING: tuple[tuple[str, str, type], ...] = tuple(
+    ("--" + field.replace("_", "-"), field, kind) for field, kind in SAMPLING
 )
 
 

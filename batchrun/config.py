@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "MOCK_MODEL",
     "PROVIDERS",
+    "SAMPLING",
     "Endpoint",
     "EndpointConfig",
     "EventLoop",
@@ -42,6 +43,21 @@ MOCK_MODEL = "mock-model"
 Endpoint = Literal["completions", "chat"]
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
+
+# The body fields that have options of their own (--max-tokens, ...), with
+# their types; the rest go through --param.
+SAMPLING: tuple[tuple[str, type], ...] = (
+    ("max_tokens", int),
+    ("temperature", float),
+    ("top_p", float),
+    ("top_k", int),
+    ("min_p", float),
+    ("n", int),
+    ("logprobs", int),
+    ("seed", int),
+    ("frequency_penalty", float),
+    ("presence_penalty", float),
+)
 
 DEFAULT_CONCURRENCY = 32
 DEFAULT_TIMEOUT_S = 300.0

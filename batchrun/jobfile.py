@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Price, Variant
+from .config import SAMPLING, Price, Variant
 from .errors import ConfigError
 
 __all__ = ["Job", "load_job", "to_tokens", "where_in"]
@@ -225,17 +225,41 @@ def _grid(
         chosen = dict(zip(keys, combo, strict=True))
         model = chosen.pop(_MODEL, None)
         template = chosen.pop(_TEMPLATE, None)
-        cells.append(_cell(model, template, templates, _params(chosen, path, text)))
+        cells.append(
+            _cell(model, template, templates, _params(chosen, known, path, text))
+        )
     return cells
 
 
-def _params(chosen: Mapping[str, Any], path: Path, text: str) -> dict[str, Any]:
-    """Sweep keys are body fields; the CLI's dashes become underscores."""
+# Options that are also body fields: a sweep may vary them.
+_BODY_OPTIONS = frozenset(field for field, _ in SAMPLING) | {"stop"}
+
+
+def _params(
+    chosen: Mapping[str, Any], known: Collection[str], path: Path, text: str
+) -> dict[str, Any]:
+    """Sweep keys are body fields; the CLI's dashes become underscores.
+
+    Raises:
+        ConfigError: A key is the prompt, or an option of batchrun's own
+            (``system``, ``endpoint``, ...): as a body field it would be sent
+            to the server, and it clashed with the results' own columns.
+    """
     params = {}
-    for key, value in chosen.items():
+    for raw_key, value in chosen.items():
+        key = raw_key.replace("-", "_")
         if key in ("prompt", "messages"):
-            raise ConfigError(f"{_where(path, text, key)}: cannot sweep over {key!r}")
-        params[key.replace("-", "_")] = value
+            raise ConfigError(
+                f"{_where(path, text, raw_key)}: cannot sweep over {key!r}"
+            )
+        if key in known and key not in _BODY_OPTIONS:
+            raise ConfigError(
+                f"{_where(path, text, raw_key)}: {key!r} is an option of batchrun's,"
+                " and a sweep or variant varies body fields (besides model and"
+                " template): it would be sent to the server as a field named"
+                f" {key!r}"
+            )
+        params[key] = value
     return params
 
 
@@ -265,7 +289,7 @@ def _explicit(
         raise ConfigError(
             f"{_where(path, text, 'params')}: variant params must be a table"
         )
-    params = {**params, **_params(item, path, text)}
+    params = {**params, **_params(item, known, path, text)}
     return _cell(model, template, named, params, name)
 
 

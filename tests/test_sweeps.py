@@ -294,6 +294,18 @@ def test_false_in_a_job_file_is_the_negative_flag() -> None:
             "model = 'm'\noverwrite = 'yes'\n",
             "job.toml:2: overwrite must be true or false, got 'yes'",
         ),
+        # Options of batchrun's own are not body fields: swept, they were sent
+        # to the server as fields, and "endpoint" broke every export.
+        (
+            "model = 'm'\n[sweep]\nsystem = ['Be brief.', 'Be kind.']\n",
+            "job.toml:3: 'system' is an option of batchrun's, and a sweep or"
+            " variant varies body fields (besides model and template): it would"
+            " be sent to the server as a field named 'system'",
+        ),
+        (
+            "model = 'm'\n[[variant]]\nname = 'a'\nendpoint = 'chat'\n",
+            "job.toml:4: 'endpoint' is an option of batchrun's",
+        ),
     ],
 )
 def test_bad_job_files(
