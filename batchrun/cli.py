@@ -82,7 +82,8 @@ examples:
   batchrun status runs/demo
 
 exit codes: 0 all rows ok, 1 some rows failed, 2 usage/config/input error,
-            3 aborted (bad key/model/URL, output unwritable),
+            3 aborted (bad key/model/URL, quota used up, untrusted TLS
+              certificate, 50 rows failing alike, output unwritable),
             130 stopped by Ctrl-C, 143 stopped by SIGTERM (run again to resume)
 """
 
