@@ -444,7 +444,7 @@ class TokenEstimator:
 
     def prompt_tokens(self, record: PromptRecord) -> int:
         """Estimated prompt tokens."""
-        return max(1, math.ceil(len(record.prompt) / self.chars_per_token))
+        return max(1, math.ceil(_text_length(record) / self.chars_per_token))
 
     def completion_tokens(self, record: PromptRecord) -> int:
         """Reserved completion tokens."""
@@ -466,11 +466,41 @@ class TokenEstimator:
     ) -> None:
         """Learn from one response's reported usage."""
         if prompt_tokens:
-            self._chars += len(record.prompt)
+            self._chars += _text_length(record)
             self._tokens += prompt_tokens
         if completion_tokens is not None:
             self._completion += completion_tokens
             self._replies += 1
+
+
+# What an image part of a message counts for, in characters: OpenAI counts a
+# low-detail image as 85 tokens.
+_IMAGE_CHARS = 340
+
+
+def _text_length(record: PromptRecord) -> int:
+    """The length of a request's prompt for estimating its tokens.
+
+    Multimodal chat content (a list of parts) counts its text, and each other
+    part (an image) as ``_IMAGE_CHARS``: counted as its base64 data, an image
+    of 1 MB was 250,000 tokens, more than many a whole minute's budget, and
+    the row failed as too large.
+    """
+    messages = record.body.get("messages") if record.endpoint == "chat" else None
+    if not isinstance(messages, list) or not any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages
+    ):
+        return len(record.prompt)
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                total += len(text) if isinstance(text, str) else _IMAGE_CHARS
+    return total
 
 
 def columns_of(builders: Iterable[RequestBuilder]) -> set[str]:

@@ -456,14 +456,49 @@ def _parse(body: object, chat: bool) -> _Request:
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _RequestError(400, "each message needs a string 'role'", "messages")
-        if not isinstance(message.get("content", ""), str | None):
-            raise _RequestError(400, "'content' must be a string or null", "messages")
+        if not _valid_content(message.get("content", "")):
+            raise _RequestError(
+                400,
+                "'content' must be a string, null or a list of parts with a 'type'",
+                "messages",
+            )
     max_tokens = max_tokens or _int_field(body, "max_completion_tokens", 1, 2**31)
     logprobs = body.get("logprobs", False)
     if not isinstance(logprobs, bool | None):
         raise _RequestError(422, "'logprobs' must be a boolean", "logprobs")
     key = orjson.dumps(messages).decode()
     return _Request(True, model, key, messages, n, max_tokens, logprobs is True)
+
+
+# What an image part counts for, as OpenAI counts a low-detail image.
+_IMAGE_TOKENS = 85
+
+
+def _valid_content(content: object) -> bool:
+    """A message's content: text, null, or a list of parts (OpenAI's
+    multimodal form: ``{"type": "text", "text": ...}``, image parts, ...)."""
+    if content is None or isinstance(content, str):
+        return True
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
+    )
+
+
+def _content_tokens(content: object) -> int:
+    """The tokens of a message's content: its text, and a fixed count per
+    part that is not text."""
+    if isinstance(content, str):
+        return count_tokens(content)
+    if not isinstance(content, list):
+        return 0
+    return sum(
+        count_tokens(part["text"])
+        if part.get("type") == "text" and isinstance(part.get("text"), str)
+        else _IMAGE_TOKENS
+        for part in content
+    )
 
 
 def _parse_directives(text: str, param: str) -> _Directives:
@@ -786,8 +821,8 @@ class Simulator:
         if done is not None:
             return done
         if req.messages is not None:  # 3 tokens of framing per message, 3 per reply
-            contents = (m.get("content") or "" for m in req.messages)
-            prompt_tokens = 3 + sum(3 + count_tokens(c) for c in contents)
+            contents = (m.get("content") for m in req.messages)
+            prompt_tokens = 3 + sum(3 + _content_tokens(c) for c in contents)
         else:
             prompt_tokens = count_tokens(req.key)
         all_words, choices = [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -9,7 +10,12 @@ import pytest
 
 from batchrun.config import RequestOptions
 from batchrun.errors import ConfigError, InputError
-from batchrun.payload import RequestBuilder, endpoint_from_url, is_batch_row
+from batchrun.payload import (
+    RequestBuilder,
+    TokenEstimator,
+    endpoint_from_url,
+    is_batch_row,
+)
 
 
 def _builder(**options: Any) -> RequestBuilder:
@@ -558,3 +564,21 @@ def test_a_record_built_only_to_check_is_not_encoded() -> None:
     """The scan's records are never sent: no payload, no hash."""
     record = _builder().build({"prompt": "Hello"}, "x", hashed=False)
     assert (record.payload, record.request_hash) == (b"", 0)
+
+
+def test_an_image_is_not_estimated_by_its_base64_text() -> None:
+    """A multimodal message's image part counts as a low-detail image (85
+    tokens), not as its data: a 1 MB image was estimated at 250,000 tokens,
+    and failed as too large for a token budget."""
+    url = "data:image/png;base64," + "A" * 1_000_000
+    image = {"type": "image_url", "image_url": {"url": url}}
+    text = {"type": "text", "text": "What is in this picture?" * 4}
+    row = {"messages": [{"role": "user", "content": [text, image]}]}
+    record = _builder().build(row, "r1")
+    estimator = TokenEstimator()
+    assert estimator.prompt_tokens(record) == math.ceil((96 + 340) / 4)
+    plain = _builder().build({"messages": [{"role": "user", "content": "hi"}]}, "r2")
+    assert estimator.prompt_tokens(plain) == math.ceil(len(plain.prompt) / 4)
+    # What it learns from such a row is on the same footing.
+    estimator.observe(record, 200, 10)
+    assert estimator.chars_per_token == (96 + 340) / 200

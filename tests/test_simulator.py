@@ -279,6 +279,18 @@ async def test_chat_shape_and_prompt_tokens() -> None:
     assert body["usage"]["prompt_tokens"] == 3 + (3 + 4) + (3 + 3) + 3
 
 
+async def test_chat_takes_content_parts() -> None:
+    """Multimodal content (a list of parts, as OpenAI's vision models take)
+    is answered: its text counted, an image part as 85 tokens. It was refused
+    with a 400 that no real server gives."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    parts = [{"type": "text", "text": "What is this?"}, image]
+    async with serve() as client:
+        reply = await client.chat([{"role": "user", "content": parts}])
+    assert reply.status == 200
+    assert reply.json()["usage"]["prompt_tokens"] == 3 + (3 + 4 + 85)
+
+
 async def test_chat_max_completion_tokens_and_logprobs() -> None:
     """Chat honours max_completion_tokens and returns chat-style logprobs."""
     async with serve() as client:
@@ -315,6 +327,12 @@ async def test_chat_max_completion_tokens_and_logprobs() -> None:
         (
             "/v1/chat/completions",
             {"model": "m", "messages": [{"content": "x"}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": [{"t": 1}]}]},
             400,
             "messages",
         ),
