@@ -159,6 +159,22 @@ class Result:
             return None
         return _read_choices(self.body, self.record.endpoint == "chat")
 
+    def reasoning(self) -> str | None:
+        """The first choice's reasoning, where the server returns a reasoning
+        model's thinking apart from its answer: ``reasoning_content`` (as
+        DeepSeek's API and vLLM name it) or ``reasoning`` (as OpenRouter
+        does). Kept only in the raw response, ``--no-raw`` lost it."""
+        body = self.body
+        if body is None or self.record.endpoint != "chat":
+            return None
+        choices = body["choices"]  # checked to be a list when it arrived
+        first = choices[0] if choices else None
+        message = first.get("message") if isinstance(first, dict) else None
+        if not isinstance(message, dict):
+            return None
+        text = message.get("reasoning_content") or message.get("reasoning")
+        return text if isinstance(text, str) else None
+
 
 def _read_choices(data: JSONObject, chat: bool) -> list[JSONObject]:
     """The ``choices`` of an answer body (checked to be a list) as

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.simulator import SimulatorHandle, count_tokens
+from batchrun.simulator import ScriptedResponse, SimulatorHandle, count_tokens
 from batchrun.sinks import COMPACT_MIN_PARTS, RESULT_SCHEMA, USAGE_SCHEMA
 
 from .helpers import (
@@ -497,3 +497,36 @@ async def test_run_inside_an_event_loop_points_to_arun(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"use 'await batchrun.arun\(config\)'"):
         run(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reasoning_models_thinking_has_a_column(
+    sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    """A reasoning model's thinking, which servers return apart from the
+    answer, is a column of its own: kept only in the raw response, --no-raw
+    lost it. DeepSeek's API and vLLM call it reasoning_content, OpenRouter
+    reasoning."""
+
+    def answer(field: str | None) -> ScriptedResponse:
+        message = {"role": "assistant", "content": "42"}
+        if field is not None:
+            message[field] = f"thinking, as {field}"
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return ScriptedResponse(body={"id": "c", "choices": [choice]})
+
+    rows = [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": "Why?"}]}
+        for i in range(3)
+    ]
+    for field in ("reasoning_content", "reasoning", None):
+        sim.state.enqueue(answer(field))
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out, "--no-raw", "--concurrency", "1") == 0
+    results = read_results(out)
+    assert [r["reasoning"] for r in results] == [
+        "thinking, as reasoning_content",
+        "thinking, as reasoning",
+        None,
+    ]
+    assert {r["completion"] for r in results} == {"42"}
