@@ -639,6 +639,10 @@ class OutputLock:
             fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             reason = exc.strerror or exc
+            paths = [out_dir, *out_dir.parents]
+            file = next((p for p in paths if p.exists() and not p.is_dir()), None)
+            if file is not None:
+                reason = f"{file} is a file, and the output is a directory"
             raise OutputError(f"cannot write in {out_dir}: {reason}") from exc
         for _ in range(_LOCK_ATTEMPTS):
             try:

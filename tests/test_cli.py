@@ -388,15 +388,24 @@ def test_lone_surrogate_is_sent_as_replacement_character(
     assert f"the first at {inp}:2" in err
 
 
+@pytest.mark.parametrize("under", ["", "out"], ids=["a file", "under a file"])
 def test_unwritable_output_exits_3(
-    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sim: SimulatorHandle,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    under: str,
 ) -> None:
-    """An output path that cannot be created aborts with exit 3."""
+    """An output path that cannot be created aborts with exit 3, naming the
+    file in the way (it said only "File exists" or "Not a directory")."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    out = blocker / under if under else blocker
     inp = write_jsonl(tmp_path / "in.jsonl", prompts(1))
-    assert run_against(sim, inp, blocker / "out") == 3
-    assert "cannot write" in _error_line(capsys)
+    assert run_against(sim, inp, out) == 3
+    assert _error_line(capsys) == (
+        f"batchrun: error: cannot write in {out}: {blocker} is a file, and the"
+        " output is a directory"
+    )
 
 
 def test_manifest_records_options_not_key(sim: SimulatorHandle, tmp_path: Path) -> None:
