@@ -27,9 +27,12 @@ __all__ = [
     "RequestBuilder",
     "TokenEstimator",
     "cells",
+    "columns_of",
     "endpoint_from_url",
     "is_batch_row",
+    "listed",
     "request_hash",
+    "text_hint",
 ]
 
 _UNDEFINED = re.compile(r"'([^']+)' is undefined")
@@ -130,12 +133,17 @@ def text_hint(names: list[str], opts: RequestOptions) -> str:
             f" (it has text in {names[0]!r}: name it with --prompt-column"
             f" {names[0]}, or build a prompt with --template)"
         )
-    shown = ", ".join(repr(name) for name in names[:5])
-    more = ", ..." if len(names) > 5 else ""
     return (
-        f" (it has text in {shown}{more}: pick one with --prompt-column,"
+        f" (it has text in {listed(names, 5)}: pick one with --prompt-column,"
         " or combine them with --template)"
     )
+
+
+def listed(names: Iterable[str], limit: int | None = None) -> str:
+    """``'a', 'b', ...``: the names quoted, the first ``limit`` of them."""
+    names = list(names)
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (", ..." if limit is not None and len(names) > limit else "")
 
 
 def _check_messages(messages: object, field: str) -> list[JSONObject]:
@@ -267,11 +275,9 @@ class RequestBuilder:
             self._model()  # a templated row names no model of its own
             for name in self.template_fields:
                 if name not in row:
-                    has = ", ".join(repr(key) for key in list(row)[:8])
-                    more = ", ..." if len(row) > 8 else ""
                     raise InputError(
                         "column used by the template is missing"
-                        f" (the row has {has or 'no fields'}{more})",
+                        f" (the row has {listed(row, 8) or 'no fields'})",
                         field=name,
                     )
             return
@@ -475,7 +481,7 @@ class TokenEstimator:
 
 # What an image part of a message counts for, in characters: OpenAI counts a
 # low-detail image as 85 tokens.
-_IMAGE_CHARS = 340
+_IMAGE_CHARS = int(85 * DEFAULT_CHARS_PER_TOKEN)
 
 
 def _text_length(record: PromptRecord) -> int:
@@ -484,23 +490,22 @@ def _text_length(record: PromptRecord) -> int:
     Multimodal chat content (a list of parts) counts its text, and each other
     part (an image) as ``_IMAGE_CHARS``: counted as its base64 data, an image
     of 1 MB was 250,000 tokens, more than many a whole minute's budget, and
-    the row failed as too large.
+    the row failed as too large. Other prompts count their text as sent.
     """
     messages = record.body.get("messages") if record.endpoint == "chat" else None
-    if not isinstance(messages, list) or not any(
-        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages
-    ):
+    if not isinstance(messages, list):
         return len(record.prompt)
-    total = 0
+    total, multimodal = 0, False
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):
+            multimodal = True
             for part in content:
                 text = part.get("text") if isinstance(part, dict) else None
                 total += len(text) if isinstance(text, str) else _IMAGE_CHARS
-    return total
+    return total if multimodal else len(record.prompt)
 
 
 def columns_of(builders: Iterable[RequestBuilder]) -> set[str]:

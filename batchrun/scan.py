@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .payload import RequestBuilder, columns_of, is_batch_row, text_hint
+from .payload import RequestBuilder, columns_of, is_batch_row, listed, text_hint
 from .sinks import infer_type
 from .sources import IdSet, RowBatch, iter_batches, parquet_columns
 
@@ -206,10 +206,9 @@ def _check_columns(path: Path, checkers: Sequence[RequestBuilder]) -> None:
         if opts.template is not None:
             for name in checker.template_fields:
                 if name not in columns:
-                    has = ", ".join(repr(column) for column in columns)
                     raise InputError(
                         f"the template uses column {name!r}, which the file"
-                        f" lacks (it has {has or 'no columns'})",
+                        f" lacks (it has {listed(columns) or 'no columns'})",
                         path=str(path),
                     )
             continue

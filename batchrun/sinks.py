@@ -487,8 +487,6 @@ def compact(
                 if stop is not None and stop.is_set():
                     raise CompactionStopped
                 table = pa.Table.from_batches([batch])
-                # Only when needed: a cast imports pyarrow.compute (about
-                # 45 ms) even for a table of the same schema.
                 table = conform(table, schema)
                 if keep is not None:
                     lo = bisect_left(keep, offset)
@@ -551,6 +549,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with the columns of ``schema``: cast, and nulls where missing
     (a part written before a column existed)."""
     if table.schema.equals(schema):
+        # Only when needed: a cast imports pyarrow.compute (about 45 ms) even
+        # for a table of the same schema.
         return table
     names = set(table.column_names)
     columns = [
