@@ -629,7 +629,7 @@ class _Run:
     async def _tell_why_still_going(self) -> None:
         """A second into an abort with requests still in flight, say what it
         waits for (the error itself is told when the run ends)."""
-        await anyio.sleep(_SLOW_S)
+        await self.sleep(_SLOW_S)  # injected: tests need not wait it out
         if self.concurrency.in_flight and self.progress is not None:
             self.progress.message(
                 f"aborting ({self.fatal}); keeping the answers of the requests"

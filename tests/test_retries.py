@@ -74,6 +74,26 @@ async def _run(
     return await arun(config, clock=vt.clock, sleep=sleep or vt.sleep)
 
 
+def _unreachable(
+    tmp_path: Path,
+    *,
+    rows: int,
+    concurrency: int,
+    retry: RetryPolicy,
+    progress: ProgressMode = "off",
+) -> RunConfig:
+    """A run of ``rows`` prompts against a port nothing listens on."""
+    return RunConfig(
+        inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(rows)),),
+        output=OutputOptions(out_dir=tmp_path / "out"),
+        endpoint=EndpointConfig(base_url=closed_port_url()),
+        request=RequestOptions(model="m"),
+        concurrency=concurrency,
+        retry=retry,
+        progress=progress,
+    )
+
+
 def _usage(tmp_path: Path) -> dict[str, Any]:
     rows = pq.read_table(tmp_path / "out" / "usage.parquet").to_pylist()
     return next(r for r in rows if r["model"] == "*")
@@ -224,11 +244,9 @@ async def test_nothing_succeeding_names_the_latest_failure(
     refused connections showed only a growing count of retries until the
     circuit breaker, a minute or two later, said why."""
     vt = VirtualTime()
-    config = RunConfig(
-        inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(3)),),
-        output=OutputOptions(out_dir=tmp_path / "out"),
-        endpoint=EndpointConfig(base_url=closed_port_url()),
-        request=RequestOptions(model="m"),
+    config = _unreachable(
+        tmp_path,
+        rows=3,
         concurrency=2,
         retry=RetryPolicy(max_attempts=1000, max_retry_time_s=1e6),
         progress="lines",
@@ -497,11 +515,12 @@ async def test_an_abort_keeps_the_answers_in_flight(
     local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Answers still coming when the run aborts are paid for: the run keeps
-    them, and a second into the wait it says what it waits for."""
+    them, and a second (of the run's clock) into the wait it says what it
+    waits for."""
     vt = VirtualTime()
     sim = await local_sim(clock=vt.clock)
     quota = {"error": {"message": "out of quota", "code": "insufficient_quota"}}
-    sim.state.enqueue(*[ScriptedResponse(delay_ms=2500)] * 3)
+    sim.state.enqueue(*[ScriptedResponse(delay_ms=500)] * 3)
     sim.state.enqueue(*[ScriptedResponse(status=429, body=quota)] * 10)
     with pytest.raises(FatalAPIError, match="quota or credit is used up"):
         await _run(sim, prompts(20), tmp_path, vt, progress="lines", probe=False)
@@ -530,14 +549,8 @@ async def test_circuit_breaker(local_sim: LocalSimFactory, tmp_path: Path) -> No
 async def test_an_unreachable_endpoint_trips_the_breaker(tmp_path: Path) -> None:
     """Rows that exhaust their retries on refused connections abort the run."""
     vt = VirtualTime()
-    config = RunConfig(
-        inputs=(write_jsonl(tmp_path / "in.jsonl", prompts(1000)),),
-        output=OutputOptions(out_dir=tmp_path / "out"),
-        endpoint=EndpointConfig(base_url=closed_port_url()),
-        request=RequestOptions(model="m"),
-        concurrency=4,
-        retry=RetryPolicy(max_attempts=3),
-        progress="off",
+    config = _unreachable(
+        tmp_path, rows=1000, concurrency=4, retry=RetryPolicy(max_attempts=3)
     )
     with pytest.raises(CircuitBreakerError, match="50 rows in a row failed with: API"):
         await arun(config, clock=vt.clock, sleep=vt.sleep)
