@@ -29,6 +29,7 @@ can never swallow a fatal error.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 
 __all__ = [
@@ -93,6 +94,29 @@ class InputError(BatchrunError):
 
 class OutputError(BatchrunError):
     """Raised when results cannot be written; the run aborts, flushed parts stay."""
+
+    @classmethod
+    def writing(cls, target: str, exc: BaseException) -> OutputError:
+        """``cannot write TARGET: why``, saying plainly when the disk is full.
+
+        pyarrow words a full disk as "[Errno 28] Error writing bytes to file.
+        Detail: [errno 28] No space left on device"; what to do about it
+        matters more than its wording.
+        """
+        code = getattr(exc, "errno", None)
+        if code in _FULL_DISK:
+            return cls(
+                f"cannot write {target}: {_FULL_DISK[code]}; free some space and"
+                " run the same command again (what is written is kept)"
+            )
+        reason = getattr(exc, "strerror", None) if isinstance(exc, OSError) else None
+        return cls(f"cannot write {target}: {reason or exc}")
+
+
+_FULL_DISK = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+}
 
 
 class APIError(BatchrunError):

@@ -42,6 +42,7 @@ from .errors import (
     ConfigError,
     FatalAPIError,
     InputError,
+    OutputError,
 )
 from .journal import JOURNAL_DIR, Journal, read_segment, segments
 from .payload import RequestBuilder, cells, columns_of
@@ -350,7 +351,15 @@ class _Run:
             if self.journal is not None:
                 self.journal.close()
             if not self.abandon:
-                await self._finish_in_thread(status, error)
+                try:
+                    await self._finish_in_thread(status, error)
+                except OutputError:
+                    if error is None:
+                        raise
+                    # The run's own error says what went wrong first; a full
+                    # disk that stopped the journal also stops usage.parquet,
+                    # and its error hid the journal's. The journal keeps the
+                    # rows: a run of the same command writes both again.
         return RunStats.from_collector(
             self.stats,
             self.out_dir,

@@ -7,6 +7,7 @@ results schema. It does not decide *when* to flush; the runner does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -514,12 +515,14 @@ def compact(
             path.unlink()
     except (OSError, pa.ArrowException, CompactionStopped) as exc:
         if writer is not None:
-            writer.close()
+            # Closing writes the footer, which fails again on a full disk.
+            with contextlib.suppress(OSError, pa.ArrowException):
+                writer.close()
         for temp in temps:
             temp.unlink(missing_ok=True)
         if isinstance(exc, CompactionStopped):
             raise
-        raise OutputError(f"cannot compact {results_dir}: {exc}") from exc
+        raise OutputError.writing(f"the compacted parts in {results_dir}", exc) from exc
     return len(temps)
 
 
@@ -574,7 +577,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     except (OSError, pa.ArrowException) as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc}") from exc
+        raise OutputError.writing(str(path), exc) from exc
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -9,6 +9,7 @@ twice.
 from __future__ import annotations
 
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -178,3 +179,45 @@ def test_a_stop_does_not_wait_out_backoffs(
     assert time.monotonic() - start < 10, "the stop waited out the backoffs"
     # No row got a result, so none is recorded: the resumed run sends them all.
     assert not _durable_ids(out)
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """For ``preexec_fn``: writes past ``limit`` bytes fail with EFBIG, as
+    writes to a full disk fail with ENOSPC (SIGXFSZ would kill instead)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+
+    return apply
+
+
+def test_a_journal_that_cannot_grow_is_the_error_and_the_run_resumes(
+    sim_process: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    """The journal's write failing aborts the run naming the journal, though
+    usage.parquet then fails too (its error hid the journal's), and the same
+    command resumes to every row once."""
+    sim = sim_process("--latency-ms", "5")
+    rows = [{"id": f"r{i:03d}", "prompt": f"Prompt {i}:"} for i in range(300)]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
+    failed = subprocess.run(
+        # Two at a time: the journal's first lines, a row or two each, fit.
+        [*_command(sim, inp, out), "--concurrency", "2"],
+        stderr=subprocess.PIPE,
+        preexec_fn=_file_size_limit(4096),
+        check=False,
+    )
+    assert failed.returncode == 3
+    assert failed.stderr.decode().splitlines()[-1] == (
+        f"batchrun: error: cannot write the journal in {out / 'journal'}:"
+        " File too large"
+    )
+    assert not (out / "usage.parquet").exists()  # it failed as well
+    done = len(_durable_ids(out))
+    assert 0 < done < len(rows)
+    final = _finish(sim, inp, out)
+    assert f"{done} already done and skipped" in final.stderr.decode()
+    results = read_results(out)
+    assert sorted(r["id"] for r in results) == [row["id"] for row in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -12,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.errors import InputError
+from batchrun.errors import InputError, OutputError
 from batchrun.journal import Journal, read_segment, segments
 from batchrun.sinks import (
     LOCK_FILE,
@@ -248,3 +249,31 @@ def test_output_lock_waits_out_a_look_by_status(tmp_path: Path) -> None:
             OutputLock.acquire(out)
     finally:
         lock.release()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # As pyarrow raises it (a part or usage.parquet on a full tmpfs).
+        OSError(
+            errno.ENOSPC,
+            "Error writing bytes to file. Detail: [errno 28] No space left on device",
+        ),
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # os.write, the journal
+    ],
+    ids=["pyarrow", "os"],
+)
+def test_a_full_disk_says_so_and_what_to_do(error: OSError) -> None:
+    """A full disk is told plainly, with what to do, not in pyarrow's words."""
+    assert str(OutputError.writing("OUT/usage.parquet", error)) == (
+        "cannot write OUT/usage.parquet: the disk is full; free some space and"
+        " run the same command again (what is written is kept)"
+    )
+
+
+def test_other_write_errors_keep_their_reason() -> None:
+    """Any other reason is its strerror (the path is named already)."""
+    error = OSError(errno.EACCES, os.strerror(errno.EACCES), "OUT/usage.parquet")
+    assert str(OutputError.writing("OUT/usage.parquet", error)) == (
+        "cannot write OUT/usage.parquet: Permission denied"
+    )
