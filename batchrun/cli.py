@@ -468,7 +468,9 @@ def _parse_param(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _endpoint(args: argparse.Namespace) -> EndpointConfig:
+def _endpoint(args: argparse.Namespace, *, need_key: bool = True) -> EndpointConfig:
+    """The endpoint the options name; ``need_key``: a named key variable must
+    be set (``estimate`` sends nothing, so it runs before a key exists)."""
     preset = PROVIDERS[args.provider] if args.provider else None
     base_url = args.base_url or os.environ.get("BATCHRUN_BASE_URL") or None
     mock = args.provider == "mock"
@@ -486,7 +488,7 @@ def _endpoint(args: argparse.Namespace) -> EndpointConfig:
     api_key = None
     if key_env:
         api_key = os.environ.get(key_env) or None
-        if api_key is None:
+        if api_key is None and need_key:
             raise ConfigError(f"the API key variable {key_env} is not set")
     elif not mock and args.provider is None:
         api_key = os.environ.get("OPENAI_API_KEY") or None
@@ -587,7 +589,7 @@ def _run_config(
         # Nothing is sent: any endpoint will do for the estimate.
         endpoint = EndpointConfig(mock=True)
     else:
-        endpoint = _endpoint(args)
+        endpoint = _endpoint(args, need_key=not estimate)
     return RunConfig(
         inputs=tuple(args.inputs),
         output=OutputOptions(

@@ -390,3 +390,19 @@ def test_estimate_reports_cost_and_duration(
     assert "completion tokens at most: 6000" in report
     assert "cost: $0.0018 to $0.0138" in report
     assert "shortest duration under the limits: 10m00s" in report
+
+
+def test_estimate_needs_no_key(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """estimate sends nothing, so a provider's key need not exist yet (it
+    stopped at 'FIREWORKS_API_KEY is not set'); run still asks for it."""
+    monkeypatch.delenv("FIREWORKS_API_KEY", raising=False)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one two three"}] * 4)
+    common = ["--provider", "fireworks", "--model", "m", "--max-tokens", "10"]
+    assert run_cli("estimate", inp, *common) == 0
+    assert "requests: 4 rows x 1 variant(s) = 4" in capsys.readouterr().out
+    assert run_cli("run", inp, "-o", tmp_path / "out", *common) == 2
+    assert "FIREWORKS_API_KEY is not set" in capsys.readouterr().err
