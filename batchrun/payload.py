@@ -182,6 +182,7 @@ class RequestBuilder:
     def __init__(self, options: RequestOptions) -> None:
         self.options = options
         self._params = dict(options.params)
+        self._chat_params = _for_chat(self._params)
         self._template: jinja2.Template | None = None
         self._undefined_error: type[Exception] = Exception
         self.template_fields: frozenset[str] = frozenset()
@@ -391,7 +392,7 @@ class RequestBuilder:
         body: JSONObject = {
             "model": self._model(),
             "messages": messages,
-            **self._params,
+            **self._chat_params,
         }
         text = orjson.dumps(messages).decode()
         return _record(row_id, "chat", body, text, self._extra(row), hashed)
@@ -407,7 +408,10 @@ class RequestBuilder:
         if not isinstance(given, dict):
             raise InputError("must be a JSON object", field="body")
         # Fields in the batch body win over command-line parameters.
-        body: JSONObject = {**self._params, **given}
+        # A body naming its own logprobs gets no top_logprobs from --logprobs.
+        chat = endpoint == "chat" and "logprobs" not in given
+        params = self._chat_params if chat else self._params
+        body: JSONObject = {**params, **given}
         body["model"] = self._model(given.get("model"))
         if endpoint == "chat":
             messages = _check_messages(body.get("messages"), "body.messages")
@@ -418,6 +422,17 @@ class RequestBuilder:
                 raise _not_a_string(prompt, "body.prompt")
             text = prompt
         return _record(row_id, endpoint, body, text, self._extra(row), hashed)
+
+
+def _for_chat(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` as the chat API takes them: there, ``logprobs`` is a switch
+    and ``top_logprobs`` the number of alternatives, where completions take
+    the number as ``logprobs``. Sent as given, ``--logprobs 2`` failed every
+    chat row with a 400 or 422."""
+    number = params.get("logprobs")
+    if not isinstance(number, int) or isinstance(number, bool):
+        return dict(params)
+    return {"top_logprobs": number, **params, "logprobs": True}
 
 
 # Before any usage is seen: English text runs about four characters a token.

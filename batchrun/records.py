@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from .config import Endpoint
 
 __all__ = ["AttemptLog", "JSONObject", "PromptRecord", "Result", "Usage"]
@@ -164,16 +166,32 @@ class Result:
         model's thinking apart from its answer: ``reasoning_content`` (as
         DeepSeek's API and vLLM name it) or ``reasoning`` (as OpenRouter
         does). Kept only in the raw response, ``--no-raw`` lost it."""
-        body = self.body
-        if body is None or self.record.endpoint != "chat":
+        if self.record.endpoint != "chat":
             return None
-        choices = body["choices"]  # checked to be a list when it arrived
-        first = choices[0] if choices else None
-        message = first.get("message") if isinstance(first, dict) else None
+        message = _first_choice(self.body).get("message")
         if not isinstance(message, dict):
             return None
         text = message.get("reasoning_content") or message.get("reasoning")
         return text if isinstance(text, str) else None
+
+    def logprobs(self) -> str | None:
+        """The first choice's ``logprobs``, as JSON text: their shape differs
+        between completions and chat answers, and from server to server."""
+        found = _first_choice(self.body).get("logprobs")
+        return None if found is None else orjson.dumps(found).decode()
+
+
+_NO_CHOICE: JSONObject = {}
+
+
+def _first_choice(body: JSONObject | None) -> JSONObject:
+    """A success's first choice (its ``choices`` were checked to be a list
+    when it arrived); empty when there is none."""
+    if body is None:
+        return _NO_CHOICE
+    choices = body["choices"]
+    first = choices[0] if choices else None
+    return first if isinstance(first, dict) else _NO_CHOICE
 
 
 def _read_choices(data: JSONObject, chat: bool) -> list[JSONObject]:

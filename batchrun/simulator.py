@@ -466,6 +466,11 @@ def _parse(body: object, chat: bool) -> _Request:
     logprobs = body.get("logprobs", False)
     if not isinstance(logprobs, bool | None):
         raise _RequestError(422, "'logprobs' must be a boolean", "logprobs")
+    top = _int_field(body, "top_logprobs", 0, 20)
+    if top is not None and logprobs is not True:
+        raise _RequestError(
+            400, "'top_logprobs' needs 'logprobs' set to true", "top_logprobs"
+        )
     key = orjson.dumps(messages).decode()
     return _Request(True, model, key, messages, n, max_tokens, logprobs is True)
 

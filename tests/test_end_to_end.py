@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -530,3 +531,30 @@ def test_a_reasoning_models_thinking_has_a_column(
         None,
     ]
     assert {r["completion"] for r in results} == {"42"}
+
+
+def test_logprobs_work_on_both_endpoints_and_have_a_column(
+    sim_factory: SimFactory, tmp_path: Path
+) -> None:
+    """--logprobs 2 answers chat rows too (every one failed: chat takes
+    logprobs as a switch), and each answer's logprobs are a column: kept only
+    in the raw response, --no-raw lost them."""
+    sim = sim_factory(record_requests=True)
+    rows: list[dict[str, Any]] = [
+        {"id": "c", "prompt": "Say hi"},
+        {"id": "m", "messages": [{"role": "user", "content": "Say hi"}]},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out, "--logprobs", "2", "--no-raw") == 0
+    by_id = {r["id"]: r for r in read_results(out)}
+    completion = json.loads(by_id["c"]["logprobs"])
+    assert "".join(completion["tokens"]) == by_id["c"]["completion"]
+    chat = json.loads(by_id["m"]["logprobs"])
+    assert "".join(t["token"] for t in chat["content"]) == by_id["m"]["completion"]
+    assert by_id["m"]["response"] is None
+    sent = {r.get("prompt") is None: r for r in sim.state.requests}
+    assert (sent[True]["logprobs"], sent[True]["top_logprobs"]) == (True, 2)
+    assert sent[False]["logprobs"] == 2
+    assert run_against(sim, inp, tmp_path / "plain", "--max-tokens", "2") == 0
+    assert [r["logprobs"] for r in read_results(tmp_path / "plain")] == [None, None]

@@ -317,6 +317,41 @@ def test_params_go_into_the_body() -> None:
     assert chat["max_tokens"] == 16
 
 
+@pytest.mark.parametrize(
+    ("params", "chat"),
+    [
+        ({"logprobs": 3}, {"logprobs": True, "top_logprobs": 3}),
+        ({"logprobs": 0}, {"logprobs": True, "top_logprobs": 0}),
+        ({"logprobs": 3, "top_logprobs": 1}, {"logprobs": True, "top_logprobs": 1}),
+        ({"logprobs": True}, {"logprobs": True}),
+    ],
+)
+def test_logprobs_take_the_chat_apis_form_in_chat_requests(
+    params: dict[str, Any], chat: dict[str, Any]
+) -> None:
+    """--logprobs N is the number for completions; chat takes a switch and
+    top_logprobs (sent as N, every chat row failed); a batch row's own body
+    is sent as it is."""
+    builder = _builder(params=params)
+    completion = builder.build({"prompt": "x"}, "1").body
+    assert {k: v for k, v in completion.items() if "logprobs" in k} == params
+    messages = [{"role": "user", "content": "x"}]
+    body = builder.build({"messages": messages}, "2").body
+    assert {k: v for k, v in body.items() if "logprobs" in k} == chat
+    batch = builder.build(_batch_row({"messages": messages}), "3").body
+    assert {k: v for k, v in batch.items() if "logprobs" in k} == chat
+
+
+def test_a_batch_bodys_own_logprobs_get_no_top_logprobs() -> None:
+    """A batch row's body naming logprobs wins whole: false with a
+    top_logprobs from --logprobs would be refused."""
+    row = _batch_row(
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": False}
+    )
+    body = _builder(params={"logprobs": 3}).build(row, "1").body
+    assert {k: v for k, v in body.items() if "logprobs" in k} == {"logprobs": False}
+
+
 # --- batch rows ---------------------------------------------------------------
 
 

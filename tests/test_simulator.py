@@ -369,6 +369,29 @@ async def test_chat_max_completion_tokens_and_logprobs() -> None:
             400,
             "stream",
         ),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user"}], "logprobs": 2},
+            422,
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "m",
+                "messages": [{"role": "user"}],
+                "logprobs": True,
+                "top_logprobs": 21,
+            },
+            400,
+            "top_logprobs",
+        ),
     ],
 )
 async def test_invalid_requests(
