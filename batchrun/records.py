@@ -174,6 +174,15 @@ class Result:
         text = message.get("reasoning_content") or message.get("reasoning")
         return text if isinstance(text, str) else None
 
+    def tool_calls(self) -> str | None:
+        """The first choice's ``tool_calls``, as JSON text: a chat answer
+        that calls a tool has no content, so ``--no-raw`` lost the answer."""
+        if self.record.endpoint != "chat":
+            return None
+        message = _first_choice(self.body).get("message")
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        return orjson.dumps(calls).decode() if calls else None
+
     def logprobs(self) -> str | None:
         """The first choice's ``logprobs``, as JSON text: their shape differs
         between completions and chat answers, and from server to server."""

@@ -80,6 +80,7 @@ RESULT_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("completion", pa.string()),
         ("reasoning", pa.string()),
+        ("tool_calls", pa.string()),
         ("choices", pa.list_(_CHOICE)),
         ("finish_reason", pa.string()),
         ("logprobs", pa.string()),
@@ -205,6 +206,7 @@ def result_row(
         "prompt": record.prompt,
         "completion": None if first is None else first["text"],
         "reasoning": result.reasoning(),
+        "tool_calls": result.tool_calls(),
         "choices": choices,
         "finish_reason": None if first is None else first["finish_reason"],
         "logprobs": result.logprobs(),
@@ -400,7 +402,16 @@ _COMPACT_BATCH_ROWS = 1024
 # query. Statistics on every column cost about 0.5 us a row of the 3.4 us that
 # writing a part took (1,000 result rows, pq.write_table).
 _NO_STATISTICS = frozenset(
-    {"prompt", "completion", "reasoning", "choices", "logprobs", "response", "error"}
+    {
+        "prompt",
+        "completion",
+        "reasoning",
+        "tool_calls",
+        "choices",
+        "logprobs",
+        "response",
+        "error",
+    }
 )
 # Columns whose values are (nearly) all distinct: a dictionary only costs the
 # writer a try before it falls back. Without it, encoding 1,000 rows took
@@ -412,6 +423,7 @@ _NO_DICTIONARY = frozenset(
         "prompt",
         "completion",
         "reasoning",
+        "tool_calls",
         "choices",
         "logprobs",
         "response",

@@ -558,3 +558,24 @@ def test_logprobs_work_on_both_endpoints_and_have_a_column(
     assert sent[False]["logprobs"] == 2
     assert run_against(sim, inp, tmp_path / "plain", "--max-tokens", "2") == 0
     assert [r["logprobs"] for r in read_results(tmp_path / "plain")] == [None, None]
+
+
+def test_a_tool_call_answer_has_a_column(sim: SimulatorHandle, tmp_path: Path) -> None:
+    """An answer that calls a tool has no content: its calls are a column,
+    where --no-raw lost them (and with them the whole answer)."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": '{"city": "Oslo"}'},
+    }
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+    sim.state.enqueue(ScriptedResponse(body={"id": "c", "choices": [choice]}))
+    rows = [{"id": "r", "messages": [{"role": "user", "content": "Weather?"}]}]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out"
+    assert run_against(sim, inp, out, "--no-raw") == 0
+    (result,) = read_results(out)
+    assert (result["status"], result["completion"]) == ("ok", None)
+    assert result["finish_reason"] == "tool_calls"
+    assert json.loads(result["tool_calls"]) == [call]
