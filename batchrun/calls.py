@@ -20,6 +20,7 @@ from .errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
+    FatalAPIError,
     MalformedResponseError,
     PermanentError,
     RateLimitError,
@@ -263,6 +264,17 @@ class Caller:
             raise
         except PermanentError:
             concurrency.end_probe()  # a real answer, if not a useful one
+            raise
+        except FatalAPIError as exc:
+            if exc.status == 404 and record.model:
+                # Fireworks answers "Model not found, inaccessible, and/or not
+                # deployed": in a sweep over models, it did not say which.
+                raise FatalAPIError(
+                    f"{exc}; the request's model is {record.model!r}",
+                    status=exc.status,
+                    body=exc.body,
+                    request_id=exc.request_id,
+                ) from exc
             raise
         except MalformedResponseError as exc:
             log.malformed += 1

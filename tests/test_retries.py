@@ -487,6 +487,22 @@ async def test_401_aborts_at_once(local_sim: LocalSimFactory, tmp_path: Path) ->
     assert sim.state.snapshot()["requests"] <= 16
 
 
+async def test_a_404_names_the_requests_model(
+    local_sim: LocalSimFactory, tmp_path: Path
+) -> None:
+    """A model that does not exist aborts naming it: Fireworks' 404 does
+    not, which in a sweep over models left the user to guess which."""
+    detail = "Model not found, inaccessible, and/or not deployed"
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    body = {"error": {"message": detail, "type": "invalid_request_error"}}
+    sim.state.enqueue(ScriptedResponse(status=404, body=body))
+    with pytest.raises(FatalAPIError) as caught:
+        await _run(sim, prompts(10), tmp_path, vt, concurrency=1)
+    assert caught.value.status == 404
+    assert str(caught.value).endswith(f"({detail}); the request's model is 'm'")
+
+
 async def test_quota_used_up_aborts_at_once(
     local_sim: LocalSimFactory, tmp_path: Path
 ) -> None:
