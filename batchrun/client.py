@@ -158,6 +158,16 @@ class _Deadlines:
         watch.expired = False
         return True
 
+    def oldest_s(self) -> float:
+        """How long the request longest in flight has been out (0 if none)."""
+        now = time.monotonic()
+        oldest = 0.0
+        for watch in list(self._watches.values()):
+            connection = watch.connection
+            if connection is not None and connection.transport is not None:
+                oldest = max(oldest, now - (watch.deadline - self.limit_s))
+        return oldest
+
     def _sweep(self) -> None:
         now = time.monotonic()
         for task, watch in list(self._watches.items()):
@@ -385,6 +395,10 @@ class APIClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def oldest_in_flight_s(self) -> float:
+        """How long the request longest in flight has been out (0 if none)."""
+        return self._deadlines.oldest_s()
 
     def _scrub(self, text: str) -> str:
         """Never let the key through into a message, whatever the server echoes."""

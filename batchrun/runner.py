@@ -702,6 +702,8 @@ class _Run:
             waiting_s=self.limiter.waiting(),
             learned_rpm=self.limiter.learned_rpm,
             stopping=self.stopped_by,
+            oldest_s=0.0 if caller is None else caller.client.oldest_in_flight_s(),
+            timeout_s=self.config.endpoint.timeout_s,
         )
 
     def _next_batch(

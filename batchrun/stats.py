@@ -589,6 +589,10 @@ def _no_note() -> str:
     return ""
 
 
+# A request out this long is named in the progress display.
+_SLOW_S = 10.0
+
+
 def live_note(
     *,
     in_flight: int,
@@ -599,6 +603,8 @@ def live_note(
     waiting_s: float = 0.0,
     learned_rpm: float | None = None,
     stopping: str | None = None,
+    oldest_s: float = 0.0,
+    timeout_s: float | None = None,
 ) -> str:
     """What the pool is doing now, for the progress display.
 
@@ -617,6 +623,10 @@ def live_note(
         waiting_s: Seconds left in a rate-limit pause.
         learned_rpm: The request rate learned from 429s, if one is in force.
         stopping: Why the run is stopping (a signal, or an error), if it is.
+        oldest_s: How long the request longest in flight has been out; shown
+            from 10 s (or half of ``timeout_s``, if less). The last rows of a
+            run, held by slow answers, showed "eta 0s" and nothing else.
+        timeout_s: The per-request limit (``--timeout``).
     """
     note = f"retries={retries} 429s={rate_limited} in flight {in_flight}/{limit}"
     if backing_off:
@@ -625,6 +635,8 @@ def live_note(
         note += f", waiting {waiting_s:.0f}s (rate limit)"
     if learned_rpm is not None:
         note += f", paced to {learned_rpm:.0f}/min (learned from 429s)"
+    if timeout_s is not None and oldest_s >= min(_SLOW_S, timeout_s / 2):
+        note += f", the oldest out {oldest_s:.0f}s (--timeout {timeout_s:g})"
     if stopping is not None:
         note += f", stopping ({stopping})"
     return note

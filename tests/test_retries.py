@@ -237,6 +237,42 @@ async def test_a_server_that_never_answers_is_named(
     ]
 
 
+async def test_a_slow_answer_is_named_with_how_long_it_is_out(
+    local_sim: LocalSimFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last row, held by a slow answer, shows how long it has been out
+    and the time limit: the line read "in flight 1/4 eta 0s" until then.
+    (Requests are timed in real time: a 2 s limit shows them from 1 s.)"""
+    vt = VirtualTime()
+    sim = await local_sim(clock=vt.clock)
+    sim.state.enqueue(ScriptedResponse(delay_ms=600_000))
+    err = ""
+    slow = re.compile(r"in flight 1/4, the oldest out [12]s \(--timeout 2\)")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            functools.partial(
+                _run,
+                sim,
+                prompts(4),
+                tmp_path,
+                vt,
+                progress="lines",
+                probe=False,
+                timeout_s=2,
+            )
+        )
+        with anyio.fail_after(10):
+            while not slow.search(err):
+                await anyio.sleep(0.05)
+                vt.offset += 0.5  # the display's ten seconds a real second
+                err += capsys.readouterr().err
+    line = next(x for x in err.splitlines() if slow.search(x))
+    assert line.startswith("batchrun: 3/4 rows, ok=3 failed=0")
+    # It timed out and was sent again.
+    attempts = sorted(r["attempts"] for r in read_results(tmp_path / "out"))
+    assert attempts == [1, 1, 1, 2]
+
+
 async def test_nothing_succeeding_names_the_latest_failure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

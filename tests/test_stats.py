@@ -372,6 +372,24 @@ def test_live_note() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("oldest_s", "timeout_s", "shown"),
+    [
+        (9.9, 300.0, ""),
+        (10.2, 300.0, ", the oldest out 10s (--timeout 300)"),
+        (1.4, 3.0, ""),
+        (1.5, 3.0, ", the oldest out 2s (--timeout 3)"),
+    ],
+)
+def test_live_note_names_a_request_out_long(
+    oldest_s: float, timeout_s: float, shown: str
+) -> None:
+    """A request out 10 s, or half its time limit if less, is named: the
+    last rows held by slow answers showed "eta 0s" and nothing else."""
+    note = live_note(in_flight=2, limit=8, oldest_s=oldest_s, timeout_s=timeout_s)
+    assert note == "retries=0 429s=0 in flight 2/8" + shown
+
+
 def test_make_progress_off() -> None:
     """Mode 'off' gives a NullProgress that writes nothing."""
     out = io.StringIO()
