@@ -37,7 +37,7 @@ from .sinks import (
     read_parts,
     row_keys,
 )
-from .stats import ErrorTally, StatsCollector
+from .stats import ErrorTally, StatsCollector, no_usage_line
 
 __all__ = [
     "CompletedIndex",
@@ -345,6 +345,7 @@ def status_report(out_dir: Path) -> str:
             f" {t.rate_limited} rate-limited",
             f"tokens so far: {t.prompt_tokens} prompt + {t.completion_tokens}"
             f" completion = {t.total_tokens}",
+            *([no_usage_line(t.no_usage, t.succeeded)] if t.no_usage else []),
             f"last write: {last_text}",
         ]
     )

@@ -119,6 +119,7 @@ USAGE_SCHEMA = pa.schema(
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("total_tokens", pa.int64()),
+        ("no_usage", pa.int64()),
         ("wall_s", pa.float64()),
         ("requests_per_s", pa.float64()),
         ("completion_tokens_per_s", pa.float64()),

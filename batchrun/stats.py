@@ -35,6 +35,7 @@ __all__ = [
     "TqdmProgress",
     "live_note",
     "make_progress",
+    "no_usage_line",
     "say",
 ]
 
@@ -53,6 +54,7 @@ _COUNTERS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "no_usage",
 )
 
 # Latencies go into logarithmic bins 1 % wide: constant memory, <= 0.5 % error.
@@ -127,6 +129,9 @@ class GroupStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Successes the server reported no token usage for: the token counts and
+    # the cost leave them out, so the summary says how many there are.
+    no_usage: int = 0
     latencies: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def add_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -141,6 +146,9 @@ class GroupStats:
         self.succeeded += succeeded
         self.failed += n - succeeded
         self.truncated += list(map(_FINISH_REASON, rows)).count("length")
+        # Only a success has usage of its own: an error row's is always null.
+        metered = n - list(map(_COMPLETION_TOKENS, rows)).count(None)
+        self.no_usage += succeeded - metered
         attempts = list(map(_ATTEMPTS, rows))
         self.attempts += sum(attempts)
         logs = list(map(_LOG, rows))
@@ -222,6 +230,7 @@ class GroupStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "no_usage": self.no_usage,
             "wall_s": wall_s,
             "requests_per_s": self.requests * per_s,
             "completion_tokens_per_s": self.completion_tokens * per_s,
@@ -437,6 +446,8 @@ class RunStats:
             ``length``; for ``n`` > 1, the first choice).
         prompt_tokens, completion_tokens, total_tokens: Billed in this run,
             as the server reported them.
+        no_usage: Rows whose answer came without token usage: the token
+            counts leave them out.
         wall_s: Seconds this run took.
         out_dir: Where the results are.
         skipped: Rows already done in ``out_dir`` and not requested again.
@@ -466,6 +477,7 @@ class RunStats:
     new: int = 0
     stopped_by: str | None = None
     truncated: int = 0
+    no_usage: int = 0
     repaired: int = 0
     first_repaired: str | None = None
     errors: tuple[tuple[str, int], ...] = ()
@@ -507,6 +519,7 @@ class RunStats:
             new=new,
             stopped_by=stopped_by,
             truncated=t.truncated,
+            no_usage=t.no_usage,
             repaired=repaired,
             first_repaired=first_repaired,
             errors=tuple(errors),
@@ -538,6 +551,8 @@ class RunStats:
                 f"{self.truncated} of {self.succeeded} answers stopped at max_tokens"
                 " (finish_reason length)"
             )
+        if self.no_usage:
+            lines.append(no_usage_line(self.no_usage, self.succeeded))
         lines += [
             f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
             f" = {self.total_tokens}",
@@ -547,6 +562,14 @@ class RunStats:
             f"  usage: {self.out_dir / 'usage.parquet'}",
         ]
         return "\n".join(lines)
+
+
+def no_usage_line(no_usage: int, succeeded: int) -> str:
+    """Says that token counts and cost leave out answers without usage."""
+    return (
+        f"{no_usage} of {succeeded} answers came without token usage: the token"
+        " counts and the cost leave them out"
+    )
 
 
 class Progress(Protocol):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.journal import read_segment, segments
-from batchrun.simulator import SimulatorHandle
+from batchrun.simulator import ScriptedResponse, SimulatorHandle
 from batchrun.sinks import OutputLock
 
 from .helpers import prompts, read_results, run_against, run_cli, write_jsonl
@@ -254,6 +254,32 @@ def test_status_reports_progress(
     text = capsys.readouterr().out
     assert "rows: 10 ok, 0 failed" in text
     assert "by error" not in text
+
+
+def test_answers_without_usage_are_named_by_run_and_status(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that leaves usage out of some answers: the summary, status
+    and usage.parquet say how many, since the token counts miss them."""
+    choice = {"index": 0, "text": "hi", "finish_reason": "stop"}
+    sim.state.enqueue(*[ScriptedResponse(body={"id": "x", "choices": [choice]})] * 2)
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    out = tmp_path / "out"
+    code = run_cli(
+        "run", inp, "-o", out, "--base-url", sim.base_url, "--model", "m",
+        "--concurrency", "1", "--progress", "off",
+    )  # fmt: skip
+    assert code == 0
+    line = (
+        "2 of 5 answers came without token usage: the token counts and the cost"
+        " leave them out"
+    )
+    said = capsys.readouterr()
+    assert line in (said.out + said.err).splitlines()
+    assert run_cli("status", out) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    usage = pq.read_table(out / "usage.parquet").to_pylist()
+    assert [row["no_usage"] for row in usage] == [2, 2]  # the model's, and all
 
 
 def test_status_tells_a_live_run_by_its_lock(

@@ -274,6 +274,31 @@ def test_answers_stopped_at_max_tokens_are_counted() -> None:
     assert "max_tokens" not in RunStats.from_collector(resumed, Path("out")).summary()
 
 
+def test_answers_without_usage_are_counted_and_named() -> None:
+    """Answers the server reported no usage for (some servers and gateways
+    leave it out) are counted, kept across a resume and named: the token
+    counts and the cost read as complete without them."""
+    clock = FakeClock()
+    stats = StatsCollector(clock=clock)
+    rows = [_result(usage=Usage(4, 6, 10)), _result(), _result()]
+    rows += [_result(status="error")]
+    stats.record(rows)
+    assert stats.total.no_usage == 2
+    assert stats.usage_rows()[-1]["no_usage"] == 2
+    summary = RunStats.from_collector(stats, Path("out")).summary()
+    assert (
+        "2 of 3 answers came without token usage: the token counts and the cost"
+        " leave them out"
+    ) in summary.splitlines()
+    resumed = StatsCollector(clock=clock)
+    resumed.restore(stats.dump())
+    assert (resumed.total.no_usage, resumed.session.no_usage) == (2, 0)
+    assert (
+        "without token usage"
+        not in RunStats.from_collector(resumed, Path("out")).summary()
+    )
+
+
 def test_summary_says_why_rows_failed() -> None:
     """The summary counts this run's failed rows by error, the three most
     common first; rows an earlier run left in its journal are not counted."""
