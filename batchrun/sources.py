@@ -77,6 +77,14 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
                     path=str(path),
                 )
             files.append(path)
+        elif str(path) == "-" or path.exists():
+            # A pipe, a device, or "-" for standard input.
+            raise InputError(
+                "is not a file: every row is read twice, checked before the"
+                " first request and then sent, so a pipe or standard input"
+                " cannot be an input; save it to a file first",
+                path=str(path),
+            )
         else:
             raise InputError("no such file or directory", path=str(path))
     return files

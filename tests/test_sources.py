@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,23 @@ def test_expand_inputs_missing_path(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file") as info:
         expand_inputs([missing])
     assert info.value.path == str(missing)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_pipe_or_standard_input_is_refused_saying_why(tmp_path: Path) -> None:
+    """Rows are read twice, so a pipe cannot be an input: said as such, where
+    "-" was "no such file or directory" and a pipe from a shell (/dev/fd/63)
+    "unknown input format"."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("-")):
+        with pytest.raises(InputError) as info:
+            expand_inputs([path])
+        assert str(info.value) == (
+            f"{path}: is not a file: every row is read twice, checked before the"
+            " first request and then sent, so a pipe or standard input cannot be"
+            " an input; save it to a file first"
+        )
 
 
 def test_expand_inputs_unknown_suffix(tmp_path: Path) -> None:
