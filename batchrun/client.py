@@ -162,7 +162,7 @@ class _Deadlines:
         """How long the request longest in flight has been out (0 if none)."""
         now = time.monotonic()
         oldest = 0.0
-        for watch in list(self._watches.values()):
+        for watch in self._watches.values():
             connection = watch.connection
             if connection is not None and connection.transport is not None:
                 oldest = max(oldest, now - (watch.deadline - self.limit_s))

@@ -166,22 +166,22 @@ class Result:
         model's thinking apart from its answer: ``reasoning_content`` (as
         DeepSeek's API and vLLM name it) or ``reasoning`` (as OpenRouter
         does). Kept only in the raw response, ``--no-raw`` lost it."""
-        if self.record.endpoint != "chat":
-            return None
-        message = _first_choice(self.body).get("message")
-        if not isinstance(message, dict):
-            return None
+        message = self._message()
         text = message.get("reasoning_content") or message.get("reasoning")
         return text if isinstance(text, str) else None
 
     def tool_calls(self) -> str | None:
         """The first choice's ``tool_calls``, as JSON text: a chat answer
         that calls a tool has no content, so ``--no-raw`` lost the answer."""
-        if self.record.endpoint != "chat":
-            return None
-        message = _first_choice(self.body).get("message")
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        calls = self._message().get("tool_calls")
         return orjson.dumps(calls).decode() if calls else None
+
+    def _message(self) -> JSONObject:
+        """A chat success's first message; empty for anything else."""
+        if self.record.endpoint != "chat":
+            return _NO_CHOICE
+        message = _first_choice(self.body).get("message")
+        return message if isinstance(message, dict) else _NO_CHOICE
 
     def logprobs(self) -> str | None:
         """The first choice's ``logprobs``, as JSON text: their shape differs
@@ -190,7 +190,7 @@ class Result:
         return None if found is None else orjson.dumps(found).decode()
 
 
-_NO_CHOICE: JSONObject = {}
+_NO_CHOICE: JSONObject = {}  # read only
 
 
 def _first_choice(body: JSONObject | None) -> JSONObject:
