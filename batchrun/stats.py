@@ -417,19 +417,25 @@ class StatsCollector:
             return None
         return price.cost(group.prompt_tokens, group.completion_tokens)
 
+    def cost_usd(self) -> float | None:
+        """The whole output's cost (earlier runs into it included), over the
+        models with a price; ``None`` when none has one."""
+        known = [
+            cost
+            for (_, model, _), group in self._groups.items()
+            if (cost := self._cost(model, group)) is not None
+        ]
+        return sum(known) if known else None
+
     def usage_rows(self) -> list[dict[str, Any]]:
         """The rows of ``usage.parquet``: one per (variant, model, endpoint), then
         the whole job (variant, model and endpoint ``*``)."""
         wall = self.prior_wall_s + self.elapsed()
-        rows = []
-        costs = []
-        for (variant, model, endpoint), group in sorted(self._groups.items()):
-            cost = self._cost(model, group)
-            costs.append(cost)
-            rows.append(group.row(variant or None, model, endpoint, wall, cost))
-        known = [c for c in costs if c is not None]
-        total_cost = sum(known) if known else None
-        rows.append(self.total.row("*", "*", "*", wall, total_cost))
+        rows = [
+            group.row(variant or None, model, endpoint, wall, self._cost(model, group))
+            for (variant, model, endpoint), group in sorted(self._groups.items())
+        ]
+        rows.append(self.total.row("*", "*", "*", wall, self.cost_usd()))
         return rows
 
 
@@ -461,6 +467,9 @@ class RunStats:
         errors: The most common errors of this run's failed rows, with how
             many rows failed with each.
         other_errors: Failed rows of this run not counted in ``errors``.
+        cost_usd: What the output has cost, earlier runs into it included,
+            over the models with a price; ``None`` without pricing.
+        resumed: Earlier runs wrote into the same output.
     """
 
     rows: int
@@ -482,6 +491,8 @@ class RunStats:
     first_repaired: str | None = None
     errors: tuple[tuple[str, int], ...] = ()
     other_errors: int = 0
+    cost_usd: float | None = None
+    resumed: bool = False
 
     @property
     def requests_per_s(self) -> float:
@@ -524,6 +535,8 @@ class RunStats:
             first_repaired=first_repaired,
             errors=tuple(errors),
             other_errors=other_errors,
+            cost_usd=stats.cost_usd(),
+            resumed=stats.prior_wall_s > 0,
         )
 
     def summary(self) -> str:
@@ -553,9 +566,16 @@ class RunStats:
             )
         if self.no_usage:
             lines.append(no_usage_line(self.no_usage, self.succeeded))
-        lines += [
+        lines.append(
             f"tokens: {self.prompt_tokens} prompt + {self.completion_tokens} completion"
-            f" = {self.total_tokens}",
+            f" = {self.total_tokens}"
+        )
+        if self.cost_usd is not None:
+            # The tokens above are this run's; a resumed job's cost is asked
+            # for whole (usage.parquet has it by model).
+            whole = " of the job so far, earlier runs included" if self.resumed else ""
+            lines.append(f"cost{whole}: ${self.cost_usd:.4f}")
+        lines += [
             f"wall time {self.wall_s:.1f} s, {self.requests_per_s:.1f} rows/s,"
             f" {tok_s:.0f} completion tokens/s",
             f"results: {self.out_dir / 'results'}"

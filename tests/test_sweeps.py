@@ -101,6 +101,29 @@ def test_usage_per_variant_adds_up(sim: SimulatorHandle, tmp_path: Path) -> None
     assert total["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in cells))
 
 
+def test_the_summary_gives_the_cost(
+    sim: SimulatorHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With pricing, the run's summary gives the cost (it was only in
+    usage.parquet); a resumed job's is the whole job's so far."""
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(20))
+    out = tmp_path / "out"
+    job = _job(tmp_path, SWEEP)
+    common = ["run", inp, "-o", out, "--config", job, "--base-url", sim.base_url]
+    said = []
+    for limit in ("5", "20"):
+        assert run_cli(*common, "--progress", "off", "--limit", limit) == 0
+        usage = pq.read_table(out / "usage.parquet").to_pylist()
+        cost = next(r for r in usage if r["model"] == "*")["cost_usd"]
+        text = capsys.readouterr()
+        lines = (text.out + text.err).splitlines()
+        said.append(([x for x in lines if x.startswith("cost")], cost))
+    (first, cost_5), (second, cost_20) = said
+    assert 0 < cost_5 < cost_20
+    assert first == [f"cost: ${cost_5:.4f}"]
+    assert second == [f"cost of the job so far, earlier runs included: ${cost_20:.4f}"]
+
+
 def test_adding_a_model_runs_only_new_cells(
     sim: SimulatorHandle, tmp_path: Path
 ) -> None:
