@@ -109,10 +109,13 @@ def test_the_summary_gives_the_cost(
     inp = write_jsonl(tmp_path / "in.jsonl", _rows(20))
     out = tmp_path / "out"
     job = _job(tmp_path, SWEEP)
-    common = ["run", inp, "-o", out, "--config", job, "--base-url", sim.base_url]
+    common: list[str | Path] = ["run", inp, "-o", out, "--config", job]
     said = []
     for limit in ("5", "20"):
-        assert run_cli(*common, "--progress", "off", "--limit", limit) == 0
+        code = run_cli(
+            *common, "--base-url", sim.base_url, "--progress", "off", "--limit", limit
+        )
+        assert code == 0
         usage = pq.read_table(out / "usage.parquet").to_pylist()
         cost = next(r for r in usage if r["model"] == "*")["cost_usd"]
         text = capsys.readouterr()
