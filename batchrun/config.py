@@ -24,6 +24,7 @@ __all__ = [
     "MOCK_MODEL",
     "PROVIDERS",
     "SAMPLING",
+    "STREAM_UNSUPPORTED",
     "Endpoint",
     "EndpointConfig",
     "EventLoop",
@@ -163,6 +164,14 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+# Sent, a streamed answer is not one JSON body: every row failed as malformed,
+# after 8 attempts that were each generated and billed.
+STREAM_UNSUPPORTED = (
+    "streaming is not supported (each answer is read whole, as one JSON body);"
+    " leave stream out"
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestOptions:
     """How each input row becomes a request body.
@@ -202,6 +211,8 @@ class RequestOptions:
         ):
             if name in self.params:
                 raise ConfigError(f"--param {name}=... is not allowed; use {instead}")
+        if self.params.get("stream"):
+            raise ConfigError(f"--param stream=...: {STREAM_UNSUPPORTED}")
         for key, low, high in (("n", 1, 128), ("max_tokens", 1, None)):
             value = self.params.get(key)
             if value is None:

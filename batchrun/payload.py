@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .config import Endpoint, RequestOptions, Variant
+from .config import STREAM_UNSUPPORTED, Endpoint, RequestOptions, Variant
 from .errors import ConfigError, InputError
 from .jsontext import kind_of
 from .records import JSONObject, PromptRecord
@@ -407,6 +407,8 @@ class RequestBuilder:
         given = row.get("body")
         if not isinstance(given, dict):
             raise InputError("must be a JSON object", field="body")
+        if given.get("stream"):
+            raise InputError(STREAM_UNSUPPORTED, field="body.stream")
         # Fields in the batch body win over command-line parameters.
         # A body naming its own logprobs gets no top_logprobs from --logprobs.
         chat = endpoint == "chat" and "logprobs" not in given

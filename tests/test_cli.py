@@ -277,6 +277,8 @@ def test_model_required_with_a_template(
         (["--timeout", "0"], "timeout must be positive"),
         (["--param", "novalue"], "--param expects KEY=VALUE"),
         (["--param", "model=x"], "--param model=... is not allowed"),
+        # Streamed answers failed every row after eight billed attempts each.
+        (["--param", "stream=true"], "--param stream=...: streaming is not"),
     ],
 )
 def test_invalid_options(

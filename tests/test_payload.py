@@ -342,6 +342,17 @@ def test_logprobs_take_the_chat_apis_form_in_chat_requests(
     assert {k: v for k, v in batch.items() if "logprobs" in k} == chat
 
 
+def test_a_batch_row_that_asks_to_stream_is_refused() -> None:
+    """A streamed answer is not one JSON body: such a row failed as malformed
+    after eight attempts, each one generated and billed."""
+    row = _batch_row({"messages": [{"role": "user", "content": "x"}], "stream": True})
+    with pytest.raises(InputError, match="streaming is not supported") as info:
+        _builder().check(row)
+    assert info.value.field == "body.stream"
+    row["body"]["stream"] = False
+    _builder().check(row)
+
+
 def test_a_batch_bodys_own_logprobs_get_no_top_logprobs() -> None:
     """A batch row's body naming logprobs wins whole: false with a
     top_logprobs from --logprobs would be refused."""
