@@ -139,6 +139,15 @@ class EndpointConfig:
             raise ConfigError(
                 f"base URL must start with http:// or https://: {self.base_url!r}"
             )
+        if self.base_url is not None:
+            path = self.base_url.rstrip("/")
+            for endpoint in ("/chat/completions", "/completions"):
+                if path.endswith(endpoint):
+                    raise ConfigError(
+                        f"the base URL {self.base_url} names an endpoint: give"
+                        f" {path.removesuffix(endpoint)}, and each request goes"
+                        " to its own endpoint under it"
+                    )
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout must be positive, got {self.timeout_s}")
 

@@ -58,6 +58,26 @@ def test_endpoint_bad_scheme(url: str) -> None:
         EndpointConfig(base_url=url)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.fireworks.ai/inference/v1/chat/completions",
+        "https://api.fireworks.ai/inference/v1/completions/",
+    ],
+)
+def test_a_base_url_naming_an_endpoint_says_which_to_give(url: str) -> None:
+    """A full endpoint URL pasted as the base URL is refused before anything
+    is sent, with the base URL to give: it was a 404 for
+    .../chat/completions/completions."""
+    with pytest.raises(ConfigError) as info:
+        EndpointConfig(base_url=url)
+    assert str(info.value) == (
+        f"the base URL {url} names an endpoint: give"
+        " https://api.fireworks.ai/inference/v1, and each request goes to its own"
+        " endpoint under it"
+    )
+
+
 @pytest.mark.parametrize("timeout_s", [0.0, -1.0, math.nan])
 def test_endpoint_timeout_must_be_positive(timeout_s: float) -> None:
     """A zero, negative or NaN timeout is a ConfigError."""
