@@ -41,6 +41,7 @@ class RowAbandoned(Exception):
 
 
 _NO_TOKENS = Cost(0, 0)
+_FIREWORKS = "api.fireworks.ai"
 # A 429 without Retry-After still pauses the pool this long.
 DEFAULT_RATE_LIMIT_PAUSE_S = 1.0
 
@@ -266,11 +267,15 @@ class Caller:
             concurrency.end_probe()  # a real answer, if not a useful one
             raise
         except FatalAPIError as exc:
-            if exc.status == 404 and record.model:
+            model = record.model
+            if exc.status == 404 and model:
                 # Fireworks answers "Model not found, inaccessible, and/or not
                 # deployed": in a sweep over models, it did not say which.
+                hint = ""
+                if _FIREWORKS in self.client.base_url and "/" not in model:
+                    hint = f" (Fireworks names it accounts/fireworks/models/{model})"
                 raise FatalAPIError(
-                    f"{exc}; the request's model is {record.model!r}",
+                    f"{exc}; the request's model is {model!r}{hint}",
                     status=exc.status,
                     body=exc.body,
                     request_id=exc.request_id,

@@ -712,6 +712,30 @@ def test_requests_go_through_the_environments_proxy(
     assert len(read_results(tmp_path / "out")) == 5
 
 
+def test_a_fireworks_404_shows_how_fireworks_names_models(
+    sim: SimulatorHandle,
+    tmp_path: Path,
+    clean_proxy_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 404 from Fireworks for a model named without its account path says
+    how Fireworks names it. (The simulator stands in for a proxy to
+    api.fireworks.ai, and has no /inference route: a 404.)"""
+    clean_proxy_env.setenv("HTTP_PROXY", sim.base_url.removesuffix("/v1"))
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--base-url",
+        "http://api.fireworks.ai/inference/v1", "--model", "llama-v3p1-8b-instruct",
+        "--quiet",
+    )  # fmt: skip
+    assert code == 3
+    said = capsys.readouterr().err.rstrip()
+    assert said.endswith(
+        "; the request's model is 'llama-v3p1-8b-instruct' (Fireworks names it"
+        " accounts/fireworks/models/llama-v3p1-8b-instruct)"
+    )
+
+
 def test_a_server_on_this_machine_bypasses_the_proxy(
     sim: SimulatorHandle, tmp_path: Path, clean_proxy_env: pytest.MonkeyPatch
 ) -> None:
