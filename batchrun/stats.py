@@ -784,15 +784,17 @@ class LineProgress:
         say(text, self._stream)
 
 
-def _has_width(stream: TextIO) -> bool:
-    """Whether ``stream`` is a terminal a bar can be drawn on. A terminal of
-    no width (a pseudo-terminal nobody sized) makes tqdm draw nothing at all."""
+def _has_size(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal a bar can be drawn on. On one of no
+    width or no height (a pseudo-terminal nobody sized, or only its width)
+    tqdm draws nothing at all: with 0 lines, it hides the bar as off screen."""
     if not stream.isatty():
         return False
     try:
-        return os.get_terminal_size(stream.fileno()).columns > 0
+        size = os.get_terminal_size(stream.fileno())
     except (OSError, ValueError):
         return True  # a terminal that cannot say: let tqdm find out
+    return size.columns > 0 and size.lines > 0
 
 
 def make_progress(
@@ -816,7 +818,7 @@ def make_progress(
     """
     out = sys.stderr if stream is None else stream
     if mode == "auto":
-        mode = "bar" if _has_width(out) else "lines"
+        mode = "bar" if _has_size(out) else "lines"
     try:
         if mode == "bar":
             return SturdyProgress(TqdmProgress(total, out, note=note))

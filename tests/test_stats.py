@@ -442,14 +442,19 @@ def test_make_progress_auto_on_non_tty_is_lines() -> None:
     assert out.getvalue().startswith("batchrun: 0 rows")
 
 
-@pytest.mark.parametrize(("columns", "kind"), [(0, LineProgress), (80, TqdmProgress)])
-def test_make_progress_auto_on_a_terminal_needs_its_width(
-    columns: int, kind: type
+@pytest.mark.parametrize(
+    ("lines", "columns", "kind"),
+    [(24, 0, LineProgress), (0, 80, LineProgress), (24, 80, TqdmProgress)],
+)
+def test_make_progress_auto_on_a_terminal_needs_its_size(
+    lines: int, columns: int, kind: type
 ) -> None:
-    """On a terminal nobody gave a size (tqdm draws nothing there) 'auto' falls
-    back to lines; on one with a width it draws a bar."""
+    """On a terminal without a width or a height (tqdm draws nothing there:
+    with 0 lines it hides its bar as below the screen) 'auto' falls back to
+    lines; on one with both it draws a bar."""
     main, side = os.openpty()
-    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    size = struct.pack("HHHH", lines, columns, 0, 0)
+    fcntl.ioctl(side, termios.TIOCSWINSZ, size)
     with os.fdopen(side, "w") as terminal:
         progress = make_progress("auto", 3, stream=terminal, clock=FakeClock())
         assert isinstance(progress, SturdyProgress)
