@@ -206,8 +206,8 @@ def _plan(out_dir: Path) -> _Plan:
     size = 0  # bytes of every row, uncompressed
     for number, path in parts:
         try:
-            metadata = pq.read_metadata(path)
-            schema = metadata.schema.to_arrow_schema()
+            part = pq.ParquetFile(path)  # not read_metadata: see sinks._worth_rewriting
+            metadata, schema = part.metadata, part.schema_arrow
             columns = [n for n in ("id", "row", "variant") if n in schema.names]
             keys = pq.read_table(path, columns=columns)
         except (OSError, pa.ArrowException) as exc:

@@ -125,8 +125,8 @@ def parquet_columns(path: Path) -> dict[str, bool] | None:
     if _format_of(path) != "parquet":
         return None
     try:
-        metadata = pq.read_metadata(path)
-        schema = metadata.schema.to_arrow_schema()
+        parquet = pq.ParquetFile(path)  # see sinks._worth_rewriting
+        metadata, schema = parquet.metadata, parquet.schema_arrow
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"cannot read Parquet file: {exc}", path=str(path)) from exc
     if not metadata.num_rows:
