@@ -98,7 +98,10 @@ class Journal:
             journal_dir.mkdir(parents=True, exist_ok=True)
             self._open(number)
         except OSError as exc:
-            raise OutputError.writing(f"the journal in {journal_dir}", exc) from exc
+            raise self._cannot_write(exc) from exc
+
+    def _cannot_write(self, exc: OSError) -> OutputError:
+        return OutputError.writing(f"the journal in {self.journal_dir}", exc)
 
     def _open(self, number: int) -> None:
         path = segment_path(self.journal_dir, number)
@@ -131,8 +134,7 @@ class Journal:
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as exc:
-            target = f"the journal in {self.journal_dir}"
-            raise OutputError.writing(target, exc) from exc
+            raise self._cannot_write(exc) from exc
 
     def rotate(self, number: int) -> None:
         """Continue in segment ``number``; the current one is complete."""
@@ -141,8 +143,7 @@ class Journal:
         try:
             self._open(number)
         except OSError as exc:
-            target = f"the journal in {self.journal_dir}"
-            raise OutputError.writing(target, exc) from exc
+            raise self._cannot_write(exc) from exc
 
     def discard(self, number: int) -> None:
         """Delete segments up to ``number``: their part files exist now."""
