@@ -322,6 +322,68 @@ async def test_ssl_cert_file_names_a_servers_own_authority(
     assert [r["status"] for r in read_results(tmp_path / "out")] == ["ok"] * 5
 
 
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_https_goes_through_a_proxy_tunnel(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """To an https server, a proxy is asked for a tunnel (CONNECT, with the
+    proxy URL's credentials); TLS and the requests go through it. The proxy
+    here tunnels to the simulator whatever host it is asked for, and the
+    simulator's certificate names the host the run asks for."""
+    authority = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(authority))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.example.invalid").configure_cert(tls)
+    heads: list[bytes] = []
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    async with start_simulator(ssl_context=tls) as sim:
+        port = URL(sim.base_url).port
+
+        async def tunnel(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+        proxy = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+        proxy_port = proxy.sockets[0].getsockname()[1]
+        async with proxy:
+            done = await anyio.run_process(
+                [
+                    sys.executable, "-m", "batchrun", "run", str(inp),
+                    "-o", str(tmp_path / "out"), "--model", "m", "--quiet",
+                    "--base-url", f"https://api.example.invalid:{port}/v1",
+                    "--concurrency", "2", "--max-attempts", "1",
+                ],
+                env={
+                    **os.environ,
+                    "SSL_CERT_FILE": str(authority),
+                    "HTTPS_PROXY": f"http://user:pw@127.0.0.1:{proxy_port}",
+                    "NO_PROXY": "",
+                },
+                check=False,
+            )  # fmt: skip
+        assert sim.state.snapshot()["requests"] == 5
+    assert done.returncode == 0, done.stderr.decode()
+    assert [r["status"] for r in read_results(tmp_path / "out")] == ["ok"] * 5
+    assert heads  # one tunnel per connection
+    for head in heads:
+        assert head.startswith(f"CONNECT api.example.invalid:{port} HTTP/1.1".encode())
+        assert b"\r\nProxy-Authorization: Basic dXNlcjpwdw==\r\n" in head
+
+
 def _resolves_as_unknown(host: str) -> bool:
     try:
         socket.getaddrinfo(host, 80)
@@ -536,40 +598,175 @@ async def test_api_key_is_sent(sim_factory: SimFactory) -> None:
     assert info.value.status == 401
 
 
-async def test_request_head_asks_for_an_uncompressed_json_answer() -> None:
-    """Every request names its body type, its client, and no compression."""
-    heads: list[bytes] = []
-    answer = b'{"choices": [{"index": 0, "text": "x", "finish_reason": "stop"}]}'
+_ANSWER = b'{"choices": [{"index": 0, "text": "x", "finish_reason": "stop"}]}'
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?i)content-length: *(\d+)", head)
-        assert length is not None
-        await reader.readexactly(int(length.group(1)))
-        heads.append(head.lower())
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer)
-        )
-        await writer.drain()
+
+def _http(answer: bytes = _ANSWER, *, close: bool = False) -> bytes:
+    """A whole 200 answer with its length (and ``Connection: close``)."""
+    closing = b"Connection: close\r\n" if close else b""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d"
+    return head % (closing, len(answer)) + b"\r\n\r\n" + answer
+
+
+class _RawServer:
+    """A server that answers each request with the next of ``answers``, as
+    bytes on the wire, and closes the connection after an answer that says
+    ``Connection: close`` (or at once, for a ``None``). It keeps every
+    request's head and body, and the connection each came on."""
+
+    def __init__(self, answers: list[bytes | None]) -> None:
+        self.answers = answers
+        self.requests: list[tuple[int, bytes, bytes]] = []
+        self.connections = 0
+
+    async def serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.connections += 1
+        number = self.connections
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                assert length is not None
+                body = await reader.readexactly(int(length.group(1)))
+                self.requests.append((number, head.lower(), body))
+                answer = self.answers.pop(0)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.lower():
+                    break
+        except asyncio.IncompleteReadError:
+            pass  # the client closed the connection
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+
+async def test_request_head_asks_for_an_uncompressed_json_answer() -> None:
+    """Every request names its body type, its client, and no compression."""
+    server = _RawServer([_http(close=True)])
     async with (
-        server,
-        APIClient(
-            f"http://127.0.0.1:{port}/v1", api_key=None, timeout_s=5, concurrency=1
-        ) as client,
+        server as url,
+        APIClient(url, api_key=None, timeout_s=5, concurrency=1) as client,
     ):
         reply = await client.post("completions", BODY)
     assert reply.data["choices"][0]["text"] == "x"
-    (head,) = heads
+    ((_, head, body),) = server.requests
     assert head.startswith(b"post /v1/completions http/1.1\r\n")
+    assert b"\r\nhost: 127.0.0.1:" in head
     assert b"\r\naccept-encoding: identity\r\n" in head
     assert b"\r\ncontent-type: application/json\r\n" in head
     assert b"\r\nuser-agent: batchrun\r\n" in head
     assert b"gzip" not in head
+    assert orjson.loads(body) == BODY
+
+
+async def test_connections_are_kept_until_an_answer_says_close() -> None:
+    """Requests one after another share a connection; an answer with
+    ``Connection: close`` ends it, and the next request opens another."""
+    server = _RawServer([_http(), _http(close=True), _http(), _http()])
+    async with (
+        server as url,
+        APIClient(url, api_key=None, timeout_s=5, concurrency=1) as client,
+    ):
+        for _ in range(4):
+            assert (await client.post("completions", BODY)).status == 200
+    assert [number for number, _, _ in server.requests] == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # No length: the answer ends with the connection.
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\n\r\n" + _ANSWER,
+        # Chunked, in two pieces.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (10, _ANSWER[:10], len(_ANSWER) - 10, _ANSWER[10:]),
+        # An interim "100 Continue" first.
+        b"HTTP/1.1 100 Continue\r\n\r\n" + _http(),
+    ],
+    ids=["until-close", "chunked", "continue"],
+)
+async def test_answers_are_read_however_they_are_framed(answer: bytes) -> None:
+    server = _RawServer([answer])
+    async with (
+        server as url,
+        APIClient(url, api_key=None, timeout_s=5, concurrency=1) as client,
+    ):
+        reply = await client.post("completions", BODY)
+    assert reply.status == 200
+    assert reply.raw == _ANSWER
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",  # not HTTP at all
+        # Cut short: the server closes the connection halfway through the body.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\nConnection: close\r\n\r\n"
+        + _ANSWER,
+        None,  # closed without a word
+    ],
+    ids=["not-http", "cut-short", "closed"],
+)
+async def test_a_broken_answer_is_a_connection_error_and_the_connection_goes(
+    answer: bytes | None,
+) -> None:
+    """What no HTTP parser accepts is retryable, and the connection it came
+    on is never used again: the next request opens a new one."""
+    server = _RawServer([answer, _http()])
+    async with (
+        server as url,
+        APIClient(url, api_key=None, timeout_s=5, concurrency=1) as client,
+    ):
+        with pytest.raises(APIConnectionError):
+            await client.post("completions", BODY)
+        assert (await client.post("completions", BODY)).raw == _ANSWER
+    assert [number for number, _, _ in server.requests] == [1, 2]
+
+
+async def test_a_plain_http_request_through_a_proxy_carries_its_credentials(
+    clean_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """A proxy receives the absolute URL, and the credentials of the proxy
+    URL as Proxy-Authorization; the request's own head is unchanged."""
+    server = _RawServer([_http()])
+    async with server as url:
+        proxy = URL(url).with_path("").with_user("user").with_password("pw")
+        clean_proxy_env.setenv("HTTP_PROXY", str(proxy))
+        async with APIClient(
+            "http://api.example.invalid/v1", api_key=SECRET, timeout_s=5, concurrency=1
+        ) as client:
+            assert (await client.post("completions", BODY)).raw == _ANSWER
+    ((_, head, _),) = server.requests
+    assert head.startswith(b"post http://api.example.invalid/v1/completions http/1.1")
+    assert b"\r\nhost: api.example.invalid\r\n" in head
+    assert b"\r\nproxy-authorization: basic dxnlcjpwdw==\r\n" in head
+    assert f"\r\nauthorization: bearer {SECRET}\r\n".lower().encode() in head
+
+
+async def test_an_api_key_with_a_line_break_is_refused() -> None:
+    """A key read from a file with its newline would split the request's
+    head (and let the rest of the line through as a header of its own)."""
+    with pytest.raises(ConfigError, match=r"Authorization header .* line break"):
+        async with APIClient(
+            "http://127.0.0.1:9/v1",
+            api_key="sk-x\nX-Evil: 1",
+            timeout_s=5,
+            concurrency=1,
+        ):
+            pass
 
 
 @pytest.mark.parametrize("status", [400, 401, 500])
