@@ -1,4 +1,4 @@
-"""The practical ceiling: a bare aiohttp worker pool with no features at all.
+"""The usual way: a bare aiohttp session loop with no features at all.
 
 One ClientSession, N workers pulling prompts from a shared iterator, each
 POSTing to /v1/completions and parsing the JSON answer. No retries, no rate
@@ -6,11 +6,12 @@ limits, no timeouts, no output. Prints one JSON line: rows, wall_s,
 first_request_s (from the start of the script), and first_request_at /
 last_response_at (Unix time).
 
-The session is set up as batchrun sets up its own, so that the comparison
+The session is set up as well as a session can be, so that the comparison
 prices batchrun's features and not aiohttp's defaults: headers given once for
 the session (a ``headers=`` on each request cost about 40 thousand
 instructions a request, callgrind), a URL parsed once, no cookie jar, no
-decompression. A ceiling does its best.
+decompression. A baseline does its best. (batchrun sends its requests on
+aiohttp's connection pool without a session, which costs less again.)
 
     python benchmarks/bare_aiohttp.py INPUT.jsonl --base-url URL --concurrency 64
 """
