@@ -216,6 +216,10 @@ class _Wire:
             proxy_headers=None if proxy_headers is None else dict(proxy_headers),
         )
         lines = dict(headers)
+        if url.user is not None and "Authorization" not in lines:
+            # user:password@host in the base URL, for a server behind basic
+            # auth; an API key, sent as a bearer token, takes its place.
+            lines["Authorization"] = _basic_auth(url.user, url.password)
         if proxy is not None and url.scheme == "http":
             # Through a proxy, plain http is sent whole to the proxy, which
             # wants the absolute URL and its own credentials.
@@ -340,8 +344,13 @@ def env_proxy(base_url: str) -> tuple[URL | None, dict[str, str] | None]:
         )
     if proxy.user is None:
         return shown, None
-    token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode())
-    return shown, {"Proxy-Authorization": f"Basic {token.decode()}"}
+    return shown, {"Proxy-Authorization": _basic_auth(proxy.user, proxy.password)}
+
+
+def _basic_auth(user: str, password: str | None) -> str:
+    """The value of a basic-auth header."""
+    token = base64.b64encode(f"{user}:{password or ''}".encode())
+    return f"Basic {token.decode()}"
 
 
 class APIClient:
@@ -366,12 +375,14 @@ class APIClient:
         timeout_s: float,
         concurrency: int,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        given = URL(base_url.rstrip("/"))
+        # Shown in messages, so without the password of a user:password@host.
+        self.base_url = str(given.with_user(None))
         self._api_key = api_key
         self._deadlines = _Deadlines(timeout_s)
         self._concurrency = concurrency
         self._connector: aiohttp.TCPConnector | None = None
-        self._urls = {name: URL(self.base_url + path) for name, path in _PATHS.items()}
+        self._urls = {name: URL(str(given) + path) for name, path in _PATHS.items()}
         self._wires: dict[Endpoint, _Wire] = {}
         self._proxy, self._proxy_headers = env_proxy(self.base_url)
         self._reached = False  # the server has answered at least once
@@ -481,7 +492,8 @@ class APIClient:
                     data=data if isinstance(data, dict) else None,
                 )
             return Reply(status, data, raw, headers)
-        raise self._error(status, raw, headers, str(self._urls[endpoint]))
+        shown = str(self._urls[endpoint].with_user(None))
+        raise self._error(status, raw, headers, shown)
 
     async def _exchange(
         self, wire: _Wire, body: bytes
@@ -562,6 +574,13 @@ class APIClient:
         request_id = headers.get("x-request-id")
         body = self._snippet(raw)
         message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+        if 300 <= status < 400:
+            return FatalAPIError(
+                self._moved(status, url, headers.get("Location")),
+                status=status,
+                body=body,
+                request_id=request_id,
+            )
         if status == 402 or (status == 429 and code in _QUOTA_CODES):
             # No retry or wait brings credit back, and every row would wait
             # out its backoffs first: rate learning from these 429s slowed an
@@ -612,6 +631,19 @@ class APIClient:
                 request_id=request_id,
             )
         return PermanentError(message, status=status, body=body, request_id=request_id)
+
+    def _moved(self, status: int, url: str, location: str | None) -> str:
+        """What a redirect says. Requests are not sent on: a run would pay a
+        second round trip for every one of them (and a 301 or 302 turns a
+        POST into a body-less GET), where the right base URL costs none."""
+        if not location:
+            return f"HTTP {status} without a Location for {url}: is the base URL right?"
+        target = str(URL(url).join(URL(location)).with_user(None))
+        for path in _PATHS.values():
+            if target.endswith(path):
+                base = target.removesuffix(path)
+                return f"HTTP {status}: {url} moved to {target}; use --base-url {base}"
+        return f"HTTP {status}: {url} moved to {target}; is the base URL right?"
 
 
 _NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}

@@ -152,6 +152,17 @@ class EndpointConfig:
             raise ConfigError(f"timeout must be positive, got {self.timeout_s}")
 
     @property
+    def shown_url(self) -> str | None:
+        """``base_url`` as it may be shown or written: without the
+        ``user:password@`` of a server behind basic auth."""
+        if self.base_url is None:
+            return None
+        parts = urlsplit(self.base_url)
+        if "@" not in parts.netloc:
+            return self.base_url
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+    @property
     def probes(self) -> bool:
         """Whether the first request goes alone (see ``probe``)."""
         if self.probe is not None:

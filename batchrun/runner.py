@@ -436,7 +436,7 @@ class _Run:
             "variants": [variant.name for variant in cfg.variants],
             "fingerprint": fingerprint,
             "input_files": inputs,
-            "endpoint": "mock" if cfg.endpoint.mock else cfg.endpoint.base_url,
+            "endpoint": "mock" if cfg.endpoint.mock else cfg.endpoint.shown_url,
             "raw_response": cfg.output.raw_response,
             "concurrency": cfg.concurrency,
             "first_started_at": self.started_iso,

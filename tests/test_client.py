@@ -756,6 +756,76 @@ async def test_a_plain_http_request_through_a_proxy_carries_its_credentials(
     assert f"\r\nauthorization: bearer {SECRET}\r\n".lower().encode() in head
 
 
+@pytest.mark.parametrize(
+    ("location", "said"),
+    [
+        (
+            "https://api.example.com/v1/completions",
+            "moved to https://api.example.com/v1/completions; use --base-url"
+            " https://api.example.com/v1",
+        ),
+        ("/elsewhere", "/elsewhere; is the base URL right?"),
+    ],
+)
+async def test_a_redirect_stops_the_run_and_names_where_it_leads(
+    location: str, said: str
+) -> None:
+    """A redirect (an http:// URL for an https:// API, say) is not followed:
+    every request would pay for it again. It is fatal, naming the base URL to
+    give instead."""
+    server = _RawServer(
+        [b"HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\n"
+         b"Content-Length: 0\r\n\r\n" % location.encode()]
+    )  # fmt: skip
+    async with (
+        server as url,
+        APIClient(url, api_key=None, timeout_s=5, concurrency=1) as client,
+    ):
+        with pytest.raises(FatalAPIError) as info:
+            await client.post("completions", BODY)
+    assert info.value.status == 308
+    assert str(info.value).startswith(f"HTTP 308: {url}/completions moved to ")
+    assert str(info.value).endswith(said)
+
+
+async def test_credentials_in_the_base_url_are_sent_and_never_shown() -> None:
+    """user:password@host authenticates with basic auth (for a server behind
+    it), and messages show the URL without them."""
+    server = _RawServer(
+        [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"]
+    )  # fmt: skip
+    async with server as url:
+        with_password = URL(url).with_user("user").with_password("s3cret")
+        async with APIClient(
+            str(with_password), api_key=None, timeout_s=5, concurrency=1
+        ) as client:
+            assert client.base_url == url
+            with pytest.raises(FatalAPIError) as info:
+                await client.post("completions", BODY)
+    ((_, head, _),) = server.requests
+    assert b"\r\nauthorization: basic dxnlcjpzm2nyzxq=\r\n" in head  # user:s3cret
+    assert b"s3cret" not in head
+    assert "s3cret" not in str(info.value)
+    assert f"HTTP 404 for {url}/completions" in str(info.value)
+
+
+def test_a_run_behind_basic_auth_keeps_the_password_out_of_its_output(
+    sim: SimulatorHandle, tmp_path: Path
+) -> None:
+    """The manifest records the base URL without its user:password@."""
+    inp = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    url = URL(sim.base_url).with_user("user").with_password("s3cret")
+    code = run_cli(
+        "run", inp, "-o", tmp_path / "out", "--base-url", str(url),
+        "--model", "m", "--quiet",
+    )  # fmt: skip
+    assert code == 0
+    assert sim.state.request_count == 3
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    assert "s3cret" not in manifest
+    assert orjson.loads(manifest)["endpoint"] == sim.base_url
+
+
 async def test_an_api_key_with_a_line_break_is_refused() -> None:
     """A key read from a file with its newline would split the request's
     head (and let the rest of the line through as a header of its own)."""
