@@ -88,6 +88,19 @@ _WORDS = """
 # costs L completion tokens.
 _VOCABULARY = tuple(_WORDS.split())
 _LOGPROBS = {w: -round(0.02 + (i % 23) * 0.11, 4) for i, w in enumerate(_VOCABULARY)}
+# A word for each byte value: an answer's words are read off a hash of its
+# prompt, which took 2.6 us an answer, where seeding a random.Random from the
+# hash and drawing from it took 7.3 us, about a sixth of the fast path's CPU
+# for a short completion (timeit).
+_BYTE_WORDS = tuple(_VOCABULARY[b % len(_VOCABULARY)] for b in range(256))
+_MIN_WORDS, _MAX_WORDS = 8, 64
+
+
+def _words(material: bytes) -> list[str]:
+    """The words of an answer, the same for the same ``material``: 8 to 64."""
+    digest = hashlib.shake_128(material).digest(2 + _MAX_WORDS)
+    count = _MIN_WORDS + int.from_bytes(digest[:2]) % (_MAX_WORDS - _MIN_WORDS + 1)
+    return list(map(_BYTE_WORDS.__getitem__, digest[2 : 2 + count]))
 
 
 def count_tokens(text: str) -> int:
@@ -832,10 +845,7 @@ class Simulator:
             prompt_tokens = count_tokens(req.key)
         all_words, choices = [], []
         for index in range(req.n):
-            material = f"{seed}\x1f{req.key}\x1f{index}".encode()
-            digest = hashlib.blake2b(material, digest_size=16).digest()
-            rng = random.Random(int.from_bytes(digest, "big"))
-            words = rng.choices(_VOCABULARY, k=rng.randint(8, 64))
+            words = _words(f"{seed}\x1f{req.key}\x1f{index}".encode())
             finish = "stop"
             if req.max_tokens is not None and req.max_tokens < len(words):
                 words, finish = words[: req.max_tokens], "length"

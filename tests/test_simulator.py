@@ -220,6 +220,23 @@ async def test_answers_are_deterministic() -> None:
     assert seeded != first
 
 
+async def test_answer_lengths_span_8_to_64_words() -> None:
+    """Across prompts, answers run from 8 words to 64, neither end favoured:
+    a client's batching and token counting see short and long answers alike."""
+    async with serve() as client:
+        lengths = [
+            len(
+                (await client.complete(f"prompt {i}"))
+                .json()["choices"][0]["text"]
+                .split()
+            )
+            for i in range(400)
+        ]
+    assert min(lengths) == 8
+    assert max(lengths) == 64
+    assert 30 <= sum(lengths) / len(lengths) <= 42  # 36 on average
+
+
 async def test_max_tokens_cuts_the_text() -> None:
     """max_tokens below the natural length gives that many words and 'length'."""
     async with serve() as client:
