@@ -356,8 +356,8 @@ def _basic_auth(user: str, password: str | None) -> str:
 class APIClient:
     """Posts request bodies to an OpenAI-compatible server.
 
-    Use as ``async with APIClient(...) as client:``; the session lives exactly as
-    long as the block.
+    Use as ``async with APIClient(...) as client:``; the connection pool
+    lives exactly as long as the block.
 
     Args:
         base_url: E.g. ``https://api.fireworks.ai/inference/v1``.

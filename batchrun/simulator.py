@@ -89,9 +89,9 @@ _WORDS = """
 _VOCABULARY = tuple(_WORDS.split())
 _LOGPROBS = {w: -round(0.02 + (i % 23) * 0.11, 4) for i, w in enumerate(_VOCABULARY)}
 # A word for each byte value: an answer's words are read off a hash of its
-# prompt, which took 2.6 us an answer, where seeding a random.Random from the
-# hash and drawing from it took 7.3 us, about a sixth of the fast path's CPU
-# for a short completion (timeit).
+# prompt, which takes 2.6 us an answer, where seeding a random.Random from the
+# hash and drawing from it took 7.3 us (timeit). The fast path serves
+# 30,300-32,100 short completions a second to wrk instead of 23,400-24,000.
 _BYTE_WORDS = tuple(_VOCABULARY[b % len(_VOCABULARY)] for b in range(256))
 _MIN_WORDS, _MAX_WORDS = 8, 64
 
