@@ -35,7 +35,7 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
-from .config import Endpoint, is_loopback
+from .config import ENDPOINT_PATHS, Endpoint, base_of, is_loopback
 from .errors import (
     APIConnectionError,
     APIError,
@@ -55,10 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = ["APIClient", "Reply", "env_proxy", "parse_retry_after"]
 
-_PATHS: Mapping[Endpoint, str] = {
-    "completions": "/completions",
-    "chat": "/chat/completions",
-}
 _BODY_SNIPPET = 300
 _SERVER_STATUSES = frozenset({408, 409, 425})
 # The error codes of a 429 that means the account is out of quota, not sending
@@ -382,7 +378,9 @@ class APIClient:
         self._deadlines = _Deadlines(timeout_s)
         self._concurrency = concurrency
         self._connector: aiohttp.TCPConnector | None = None
-        self._urls = {name: URL(str(given) + path) for name, path in _PATHS.items()}
+        self._urls = {
+            name: URL(str(given) + path) for name, path in ENDPOINT_PATHS.items()
+        }
         self._wires: dict[Endpoint, _Wire] = {}
         self._proxy, self._proxy_headers = env_proxy(self.base_url)
         self._reached = False  # the server has answered at least once
@@ -639,10 +637,9 @@ class APIClient:
         if not location:
             return f"HTTP {status} without a Location for {url}: is the base URL right?"
         target = str(URL(url).join(URL(location)).with_user(None))
-        for path in _PATHS.values():
-            if target.endswith(path):
-                base = target.removesuffix(path)
-                return f"HTTP {status}: {url} moved to {target}; use --base-url {base}"
+        base = base_of(target)
+        if base is not None:
+            return f"HTTP {status}: {url} moved to {target}; use --base-url {base}"
         return f"HTTP {status}: {url} moved to {target}; is the base URL right?"
 
 

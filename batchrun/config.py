@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_FLUSH_INTERVAL_S",
     "DEFAULT_FLUSH_ROWS",
     "DEFAULT_TIMEOUT_S",
+    "ENDPOINT_PATHS",
     "MOCK_MODEL",
     "PROVIDERS",
     "SAMPLING",
@@ -37,6 +38,7 @@ __all__ = [
     "RetryPolicy",
     "RunConfig",
     "Variant",
+    "base_of",
     "is_loopback",
 ]
 
@@ -140,14 +142,12 @@ class EndpointConfig:
                 f"base URL must start with http:// or https://: {self.base_url!r}"
             )
         if self.base_url is not None:
-            path = self.base_url.rstrip("/")
-            for endpoint in ("/chat/completions", "/completions"):
-                if path.endswith(endpoint):
-                    raise ConfigError(
-                        f"the base URL {self.base_url} names an endpoint: give"
-                        f" {path.removesuffix(endpoint)}, and each request goes"
-                        " to its own endpoint under it"
-                    )
+            base = base_of(self.base_url)
+            if base is not None:
+                raise ConfigError(
+                    f"the base URL {self.base_url} names an endpoint: give"
+                    f" {base}, and each request goes to its own endpoint under it"
+                )
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout must be positive, got {self.timeout_s}")
 
@@ -170,6 +170,22 @@ class EndpointConfig:
         if self.base_url is None:
             return False  # the simulator
         return not is_loopback(urlsplit(self.base_url).hostname)
+
+
+# Where each endpoint is, under the base URL.
+ENDPOINT_PATHS: Mapping[Endpoint, str] = MappingProxyType(
+    {"completions": "/completions", "chat": "/chat/completions"}
+)
+
+
+def base_of(url: str) -> str | None:
+    """The base URL of an endpoint's ``url``; ``None`` if it names none."""
+    path = url.rstrip("/")
+    # The chat path first: it ends in the completions one.
+    for suffix in sorted(ENDPOINT_PATHS.values(), key=len, reverse=True):
+        if path.endswith(suffix):
+            return path.removesuffix(suffix)
+    return None
 
 
 def is_loopback(host: str | None) -> bool:

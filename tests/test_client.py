@@ -30,6 +30,7 @@ from batchrun.client import (
     env_proxy,
     parse_retry_after,
 )
+from batchrun.config import ENDPOINT_PATHS, Endpoint
 from batchrun.errors import (
     APIConnectionError,
     APIError,
@@ -757,18 +758,25 @@ async def test_a_plain_http_request_through_a_proxy_carries_its_credentials(
 
 
 @pytest.mark.parametrize(
-    ("location", "said"),
+    ("endpoint", "location", "said"),
     [
         (
+            "completions",
             "https://api.example.com/v1/completions",
             "moved to https://api.example.com/v1/completions; use --base-url"
             " https://api.example.com/v1",
         ),
-        ("/elsewhere", "/elsewhere; is the base URL right?"),
+        (
+            "chat",
+            "https://api.example.com/v1/chat/completions",
+            "moved to https://api.example.com/v1/chat/completions; use --base-url"
+            " https://api.example.com/v1",
+        ),
+        ("completions", "/elsewhere", "/elsewhere; is the base URL right?"),
     ],
 )
 async def test_a_redirect_stops_the_run_and_names_where_it_leads(
-    location: str, said: str
+    endpoint: Endpoint, location: str, said: str
 ) -> None:
     """A redirect (an http:// URL for an https:// API, say) is not followed:
     every request would pay for it again. It is fatal, naming the base URL to
@@ -782,9 +790,10 @@ async def test_a_redirect_stops_the_run_and_names_where_it_leads(
         APIClient(url, api_key=None, timeout_s=5, concurrency=1) as client,
     ):
         with pytest.raises(FatalAPIError) as info:
-            await client.post("completions", BODY)
+            await client.post(endpoint, BODY)
     assert info.value.status == 308
-    assert str(info.value).startswith(f"HTTP 308: {url}/completions moved to ")
+    path = ENDPOINT_PATHS[endpoint]
+    assert str(info.value).startswith(f"HTTP 308: {url}{path} moved to ")
     assert str(info.value).endswith(said)
 
 
