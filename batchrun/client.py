@@ -490,8 +490,8 @@ class APIClient:
                     data=data if isinstance(data, dict) else None,
                 )
             return Reply(status, data, raw, headers)
-        shown = str(self._urls[endpoint].with_user(None))
-        raise self._error(status, raw, headers, shown)
+        url = self.base_url + ENDPOINT_PATHS[endpoint]  # without credentials
+        raise self._error(status, raw, headers, url)
 
     async def _exchange(
         self, wire: _Wire, body: bytes
